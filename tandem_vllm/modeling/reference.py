@@ -1,0 +1,254 @@
+"""Pure-PyTorch Tandem drafter: the trainer's model and the oracle for the vLLM path.
+
+A small Llama (RMSNorm, RoPE, GQA attention, SwiGLU) whose parameter names match Hugging Face's
+``LlamaForCausalLM``, plus one linear map per layer, ``model.layers.j.ctx_proj`` = P_j: Dt -> D.
+
+Layer j's attention has ONE set of keys/values, built with the layer's own norm/K/V/RoPE from
+  * y_hat_j = P_j x^(l(j)) for positions the target has already processed ("context"), and
+  * the drafter's own residual stream for positions of the current block ("own").
+Block-causal rule, query i in block b = i // gamma: context keys < b*gamma, own keys b*gamma..i.
+
+Two forms compute the same function:
+  * ``forward_train``: keys = [context K/V over 0..T-1 ; own K/V over 0..T-1], one attention of
+    length 2T under ``block_causal_mask`` (the paper's efficient training layout);
+  * ``DrafterCache`` + ``extend_context`` / ``step``: the incremental decoding form, where context
+    K/V are cached once per target pass and own K/V live only for the current block.
+With every position in one block (no context) the drafter is exactly a Llama.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tandem_vllm.config import WEIGHTS_FILE, TandemConfig
+from tandem_vllm.errors import TandemError
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin tables for the given positions: (B, T) -> (B, 1, T, hd) each (HF Llama convention)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def block_causal_mask(seq_len: int, block_size: int, device: torch.device | str = "cpu") -> Tensor:
+    """(T, 2T) bool, True = may attend. Columns 0..T-1 are context keys, T..2T-1 own keys."""
+    i = torch.arange(seq_len, device=device)[:, None]
+    j = torch.arange(seq_len, device=device)[None, :]
+    start = (i // block_size) * block_size  # first position of query i's block
+    return torch.cat([j < start, (j >= start) & (j <= i)], dim=1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TandemConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+
+    def _heads(self, x: Tensor, n: int) -> Tensor:
+        return x.unflatten(-1, (n, self.hd)).transpose(1, 2)  # (B, T, n*hd) -> (B, n, T, hd)
+
+    def kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys (roped) and values of normed states x (B, T, D) -> (B, Hk, T, hd) each."""
+        k = _apply_rope(self._heads(self.k_proj(x), self.n_kv), cos, sin)
+        return k, self._heads(self.v_proj(x), self.n_kv)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, prefix_k: Tensor, prefix_v: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B,T,D) normed; prefix_k/v (B,Hk,P,hd) precede this call's keys; mask (B|1,1,T,P+T).
+
+        Returns the attention output (B,T,D) and this call's own keys/values for caching.
+        """
+        q = _apply_rope(self._heads(self.q_proj(x), self.n_heads), cos, sin)
+        k, v = self.kv(x, cos, sin)
+        keys = torch.cat([prefix_k, k], dim=2).repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        values = torch.cat([prefix_v, v], dim=2).repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, T, hd)
+        return self.o_proj(out.transpose(1, 2).flatten(2)), k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TandemConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DrafterLayer(nn.Module):
+    def __init__(self, cfg: TandemConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+        self.ctx_proj = nn.Linear(cfg.target.hidden_size, cfg.hidden_size, bias=False)  # P_j
+
+    def context_kv(self, target_state: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Target states (B,T,Dt) -> context keys/values (B,Hk,T,hd): P_j, then this layer's norm/K/V/RoPE."""
+        return self.self_attn.kv(self.input_layernorm(self.ctx_proj(target_state)), cos, sin)
+
+    def forward(
+        self, h: Tensor, cos: Tensor, sin: Tensor, prefix_k: Tensor, prefix_v: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        a, k, v = self.self_attn(self.input_layernorm(h), cos, sin, prefix_k, prefix_v, mask)
+        h = h + a
+        return h + self.mlp(self.post_attention_layernorm(h)), k, v
+
+
+class _Backbone(nn.Module):
+    def __init__(self, cfg: TandemConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DrafterLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+@dataclass
+class DrafterCache:
+    """Incremental state for a batch. Context K/V grow by target pass; own K/V live for one block."""
+
+    ctx_k: list[Tensor]  # per layer (B, Hk, S, hd)
+    ctx_v: list[Tensor]
+    ctx_valid: Tensor  # (B, S) bool: False for padding and never-accepted columns
+    own_k: list[Tensor]  # per layer (B, Hk, n, hd), the current block so far
+    own_v: list[Tensor]
+
+
+class TandemDrafter(nn.Module):
+    def __init__(self, cfg: TandemConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = _Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        return rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, dtype)
+
+    def forward_train(self, tokens: Tensor, taps: Tensor, block_size: int | None = None) -> Tensor:
+        """Teacher-forced logits under the block-causal rule.
+
+        tokens (B, T); taps (B, T, Ls, Dt): taps[:, i, j] = target state x^(l(j)) at position i.
+        Returns logits (B, T, V); position i predicts token i+1.
+        """
+        b, t = tokens.shape
+        positions = torch.arange(t, device=tokens.device).expand(b, t)
+        h = self.model.embed_tokens(tokens)  # (B, T, D)
+        cos, sin = self._rope(positions, h.dtype)
+        mask = block_causal_mask(t, block_size or self.cfg.block_size, tokens.device)[None, None]  # (1,1,T,2T)
+        for j, layer in enumerate(self.model.layers):
+            ctx_k, ctx_v = layer.context_kv(taps[:, :, j].to(h.dtype), cos, sin)  # (B, Hk, T, hd)
+            h, _, _ = layer(h, cos, sin, ctx_k, ctx_v, mask)
+        return self.lm_head(self.model.norm(h))
+
+    # ---- incremental decoding form -----------------------------------------------------------
+    def new_cache(self, batch: int, device: torch.device | str, dtype: torch.dtype) -> DrafterCache:
+        n = self.cfg.num_hidden_layers
+        empty = torch.zeros(batch, self.cfg.num_key_value_heads, 0, self.cfg.head_dim, device=device, dtype=dtype)
+        return DrafterCache(
+            ctx_k=[empty] * n,
+            ctx_v=[empty] * n,
+            ctx_valid=torch.zeros(batch, 0, dtype=torch.bool, device=device),
+            own_k=[empty] * n,
+            own_v=[empty] * n,
+        )
+
+    def extend_context(self, cache: DrafterCache, taps: Tensor, positions: Tensor, valid: Tensor) -> None:
+        """The target has processed these tokens: cache their context K/V and end the current block.
+
+        taps (B, n, Ls, Dt) target states; positions (B, n) sequence positions; valid (B, n) bool.
+        """
+        dtype = cache.ctx_k[0].dtype
+        cos, sin = self._rope(positions, dtype)
+        for j, layer in enumerate(self.model.layers):
+            k, v = layer.context_kv(taps[:, :, j].to(dtype), cos, sin)
+            cache.ctx_k[j] = torch.cat([cache.ctx_k[j], k], dim=2)
+            cache.ctx_v[j] = torch.cat([cache.ctx_v[j], v], dim=2)
+            cache.own_k[j] = cache.own_k[j][:, :, :0]
+            cache.own_v[j] = cache.own_v[j][:, :, :0]
+        cache.ctx_valid = torch.cat([cache.ctx_valid, valid], dim=1)
+
+    def step(self, cache: DrafterCache, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Run n own tokens (B, n) of the current block at positions (B, n); returns logits (B, n, V)."""
+        b, n = tokens.shape
+        h = self.model.embed_tokens(tokens)
+        cos, sin = self._rope(positions, h.dtype)
+        past = cache.own_k[0].shape[2]
+        causal = torch.ones(n, past + n, dtype=torch.bool, device=tokens.device).tril(past)  # (n, past+n)
+        mask = torch.cat([cache.ctx_valid[:, None, :].expand(b, n, -1), causal.expand(b, n, -1)], dim=2)
+        for j, layer in enumerate(self.model.layers):
+            prefix_k = torch.cat([cache.ctx_k[j], cache.own_k[j]], dim=2)
+            prefix_v = torch.cat([cache.ctx_v[j], cache.own_v[j]], dim=2)
+            h, k, v = layer(h, cos, sin, prefix_k, prefix_v, mask[:, None])
+            cache.own_k[j] = torch.cat([cache.own_k[j], k], dim=2)
+            cache.own_v[j] = torch.cat([cache.own_v[j], v], dim=2)
+        return self.lm_head(self.model.norm(h))
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        self.cfg.save(directory)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.cfg.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+
+    @classmethod
+    def load(cls, directory: str | Path, *, device: torch.device | str = "cpu") -> TandemDrafter:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        cfg = TandemConfig.load(directory)
+        model = cls(cfg)
+        path = directory / WEIGHTS_FILE
+        if not path.is_file():
+            raise TandemError(f"{directory} has no {WEIGHTS_FILE}; the drafter export is incomplete, re-export it")
+        try:
+            state = load_file(str(path), device=str(device))
+        except (SafetensorError, OSError) as e:
+            raise TandemError(f"{path} is not a readable safetensors file ({e}); re-export the drafter") from None
+        want = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+        missing, unexpected = want - state.keys(), state.keys() - want
+        if missing or unexpected:
+            raise TandemError(
+                f"{path} does not match its config.json: missing {sorted(missing)[:4]}, "
+                f"unexpected {sorted(unexpected)[:4]}; re-export the drafter"
+            )
+        model.load_state_dict(state, strict=False)
+        return model.to(device)
