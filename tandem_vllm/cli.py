@@ -1,2 +1,160 @@
-def main() -> None:
-    raise SystemExit("not yet")
+"""``tandem-vllm``: train | eval | generate | demo build | demo run. Argument parsing only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tandem_vllm.errors import TandemError
+
+
+def _train(a: argparse.Namespace) -> None:
+    from tandem_vllm.train.args import ModelDims, TrainArgs
+    from tandem_vllm.train.trainer import train
+
+    args = TrainArgs(
+        kind=a.kind, out=a.out, data=tuple(a.data), target=a.target, tokenizer=a.tokenizer, eval_data=tuple(a.eval_data or ()),
+        dims=ModelDims(layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads or a.heads, intermediate=a.intermediate),
+        taps=a.taps, block_size=a.block_size, seq_len=a.seq_len, batch_size=a.batch_size, grad_accum=a.grad_accum,
+        steps=a.steps, lr=a.lr, warmup=a.warmup, loss=a.loss, ce_fraction=a.ce_fraction, eval_every=a.eval_every,
+        save_every=a.save_every, seed=a.seed, device=a.device, bf16=a.bf16, resume=a.resume,
+    )
+    res = train(args)
+    print(json.dumps({"out": str(res.out), "steps": res.steps, "eval": res.metrics}))
+
+
+def _eval(a: argparse.Namespace) -> None:
+    from tandem_vllm.quality import markdown, quality_report, write_report
+
+    report = quality_report(target_dir=a.target, drafter_dir=a.drafter, baseline_dir=a.baseline, prompts_file=a.prompts,
+                            gammas=tuple(a.gammas), max_new_tokens=a.max_new_tokens, max_prompts=a.max_prompts)
+    stem = Path(a.json).with_suffix("")
+    write_report(report, a.json, a.markdown or f"{stem}.md", a.plot or f"{stem}.png")
+    print(markdown(report))
+
+
+def _generate(a: argparse.Namespace) -> None:
+    from tandem_vllm.decoding.speculate import Sampling
+    from tandem_vllm.demo.run import run_generation
+
+    sampling = Sampling(temperature=a.temperature, top_p=a.top_p)
+    run_generation(target=a.target, drafter=a.drafter, prompts=a.prompt, k=a.k, max_new_tokens=a.max_new_tokens,
+                   sampling=sampling, mode=a.mode, seed=a.seed)
+
+
+def _demo_build(a: argparse.Namespace) -> None:
+    from tandem_vllm.demo.build import build
+
+    manifest = build(a.size, progress=not a.json)
+    if a.json:
+        keys = ("target", "baseline", "tandem", "heldout_prompts")
+        print(json.dumps({k: manifest[k] for k in keys}))
+    else:
+        _print_build(manifest)
+
+
+def _print_build(m: dict[str, Any]) -> None:
+    print(f"demo pair ({m['size']}), built in {m['build_seconds']} s")
+    for name in ("target", "baseline", "tandem"):
+        ev = m["eval"][name]
+        ppl = f"perplexity {2.718281828 ** ev['ce']:.2f}"
+        extra = f", agreement with target {ev['agreement']:.3f}" if "agreement" in ev else ""
+        print(f"  {name:8s} {m[name]}  held-out {ppl}, accuracy {ev['accuracy']:.3f}{extra}")
+    print(f"  prompts  {m['heldout_prompts']}")
+
+
+def _demo_run(a: argparse.Namespace) -> None:
+    from tandem_vllm.demo.run import demo
+
+    demo(size=a.size, k=a.k, max_new_tokens=a.max_new_tokens)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tandem-vllm", description="Tandem Transformers for vLLM: train, evaluate, decode.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train a Tandem drafter, a standalone baseline drafter, or a plain LM")
+    t.add_argument("--kind", choices=["tandem", "baseline", "lm"], default="tandem")
+    t.add_argument("--target", type=Path, help="frozen target model directory (teacher)")
+    t.add_argument("--tokenizer", type=Path, help="tokenizer directory (--kind lm without --target)")
+    t.add_argument("--data", type=Path, nargs="+", required=True, help="text or JSONL files")
+    t.add_argument("--eval-data", type=Path, nargs="+", help="held-out files (default: last 5%% of --data)")
+    t.add_argument("--out", type=Path, required=True, help="run directory; the exported model lands here")
+    t.add_argument("--layers", type=int, default=1)
+    t.add_argument("--hidden", type=int, default=128)
+    t.add_argument("--heads", type=int, default=4)
+    t.add_argument("--kv-heads", type=int, default=0, help="default: --heads")
+    t.add_argument("--intermediate", type=int, default=0, help="default: 8/3 * hidden")
+    t.add_argument("--taps", default="top", help="tap map l(j): 'top', 'uniform' or e.g. '4,8'")
+    t.add_argument("--block-size", type=int, default=2, help="gamma used in training")
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--warmup", type=int, default=50)
+    t.add_argument("--loss", choices=["ce", "distil"], default="distil")
+    t.add_argument("--ce-fraction", type=float, default=0.5, help="distil: fraction of steps in the CE-only stage 1")
+    t.add_argument("--eval-every", type=int, default=100)
+    t.add_argument("--save-every", type=int, default=100)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="quality report: Table 1 in miniature and tau vs gamma")
+    e.add_argument("--target", type=Path, required=True)
+    e.add_argument("--drafter", type=Path, required=True, help="Tandem drafter directory")
+    e.add_argument("--baseline", type=Path, help="standalone drafter directory")
+    e.add_argument("--prompts", type=Path, required=True, help='JSONL, one {"prompt": ...} per line')
+    e.add_argument("--json", required=True, help="report path; .md and .png are written beside it")
+    e.add_argument("--markdown")
+    e.add_argument("--plot")
+    e.add_argument("--gammas", type=int, nargs="+", default=[2, 3, 4, 5, 6, 7])
+    e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--max-prompts", type=int, default=64)
+    e.set_defaults(func=_eval)
+
+    g = sub.add_parser("generate", help="decode prompts with the reference Tandem decoders")
+    g.add_argument("--target", type=Path, required=True)
+    g.add_argument("--drafter", type=Path, help="Tandem drafter (omit for target alone)")
+    g.add_argument("--prompt", nargs="+", required=True)
+    g.add_argument("--k", type=int, default=5, help="gamma: draft tokens per target pass")
+    g.add_argument("--mode", choices=["speed", "standalone"], default="speed")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=_generate)
+
+    d = sub.add_parser("demo", help="the embedded demo pair").add_subparsers(dest="demo_cmd", required=True)
+    db = d.add_parser("build", help="build (or reuse) the demo target + drafters")
+    db.add_argument("--size", choices=["ci", "bench", "tiny"], default="ci")
+    db.add_argument("--json", action="store_true", help="print only a JSON line with the built paths")
+    db.set_defaults(func=_demo_build)
+    dr = d.add_parser("run", help="build (or reuse) the demo pair and decode with Tandem+SPEED")
+    dr.add_argument("--size", choices=["ci", "bench", "tiny"], default="ci")
+    dr.add_argument("--k", type=int, default=5)
+    dr.add_argument("--max-new-tokens", type=int, default=64)
+    dr.set_defaults(func=_demo_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parser().parse_args(argv)
+    try:
+        a.func(a)
+    except TandemError as e:
+        print(f"tandem-vllm: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("tandem-vllm: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -57,10 +57,17 @@ def _apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def block_causal_mask(seq_len: int, block_size: int, device: torch.device | str = "cpu") -> Tensor:
     """(T, 2T) bool, True = may attend. Columns 0..T-1 are context keys, T..2T-1 own keys."""
-    i = torch.arange(seq_len, device=device)[:, None]
-    j = torch.arange(seq_len, device=device)[None, :]
-    start = (i // block_size) * block_size  # first position of query i's block
-    return torch.cat([j < start, (j >= start) & (j <= i)], dim=1)
+    i = torch.arange(seq_len, device=device)
+    return mask_from_block_starts((i // block_size) * block_size)
+
+
+def mask_from_block_starts(starts: Tensor) -> Tensor:
+    """starts (..., T): first position of each query's block -> (..., T, 2T) block-causal mask."""
+    t = starts.shape[-1]
+    i = torch.arange(t, device=starts.device)[:, None]
+    j = torch.arange(t, device=starts.device)[None, :]
+    s = starts[..., :, None]
+    return torch.cat([(j < s).expand(*starts.shape, t), (j >= s) & (j <= i)], dim=-1)
 
 
 class Attention(nn.Module):
@@ -158,17 +165,24 @@ class TandemDrafter(nn.Module):
     def _rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         return rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, dtype)
 
-    def forward_train(self, tokens: Tensor, taps: Tensor, block_size: int | None = None) -> Tensor:
+    def forward_train(
+        self, tokens: Tensor, taps: Tensor, block_size: int | None = None, *, block_starts: Tensor | None = None
+    ) -> Tensor:
         """Teacher-forced logits under the block-causal rule.
 
         tokens (B, T); taps (B, T, Ls, Dt): taps[:, i, j] = target state x^(l(j)) at position i.
+        Blocks are fixed (``block_size``, default the trained gamma) unless ``block_starts`` (B, T)
+        gives each position's block start, as speculative decoding's variable blocks do.
         Returns logits (B, T, V); position i predicts token i+1.
         """
         b, t = tokens.shape
         positions = torch.arange(t, device=tokens.device).expand(b, t)
         h = self.model.embed_tokens(tokens)  # (B, T, D)
         cos, sin = self._rope(positions, h.dtype)
-        mask = block_causal_mask(t, block_size or self.cfg.block_size, tokens.device)[None, None]  # (1,1,T,2T)
+        if block_starts is None:
+            mask = block_causal_mask(t, block_size or self.cfg.block_size, tokens.device)[None, None]  # (1,1,T,2T)
+        else:
+            mask = mask_from_block_starts(block_starts)[:, None]  # (B,1,T,2T)
         for j, layer in enumerate(self.model.layers):
             ctx_k, ctx_v = layer.context_kv(taps[:, :, j].to(h.dtype), cos, sin)  # (B, Hk, T, hd)
             h, _, _ = layer(h, cos, sin, ctx_k, ctx_v, mask)

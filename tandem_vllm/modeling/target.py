@@ -29,7 +29,9 @@ class LoadedLM:
 def load_causal_lm(path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedLM:
     """Load a local HF causal LM directory (no downloads) with its tokenizer, in eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     path = Path(path)
     read_config_json(path)  # clear errors for a missing dir / config / bad JSON
     try:

@@ -14,6 +14,7 @@ from tandem_vllm.decoding.speculate import (
     verify,
 )
 from tandem_vllm.errors import TandemError
+from tandem_vllm.modeling.target import hidden_taps
 
 from ..conftest import tiny_llama, tiny_tandem
 
@@ -173,3 +174,36 @@ def test_chi_square_check_catches_blind_acceptance(tiny_vocab_pair, monkeypatch)
     got = generate(target, [prompt] * N, max_new_tokens=STEPS, sampling=Sampling(temperature=1.0), seed=5,
                    proposer=DraftModelProposer(draft_lm), k=2)
     assert _chi2_pvalue(got.tokens, _exact_joint(target, prompt)) < 1e-6
+
+
+# ---- tau oracle: replay the accept/reject walk from teacher-forced predictions ----------------
+def _tandem_walk(target, drafter, prompt, out, k, max_new):
+    """Greedy Tandem+SPEED statistics recomputed without any cache: at each step the block starts
+    at the position of the last emitted token; drafts are the teacher-forced argmaxes under that
+    block start, accepted while they match the emitted sequence."""
+    seq = torch.tensor([prompt + out])
+    t = seq.shape[1]
+    taps = hidden_taps(target(seq, output_hidden_states=True).hidden_states, drafter.cfg.tap_layers)
+    p, emitted, passes, accepted = len(prompt), 1, 1, 0
+    while emitted < max_new:
+        starts = torch.where(torch.arange(t) >= p, p, torch.arange(t))[None]
+        pred = drafter.forward_train(seq, taps, block_starts=starts).argmax(-1)[0]
+        n = 0
+        while n < k and p + n + 1 < t and pred[p + n] == seq[0, p + n + 1]:
+            n += 1
+        passes, accepted = passes + 1, accepted + n
+        emitted = min(max_new, emitted + n + 1)
+        p += n + 1
+    return passes, accepted
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_tandem_acceptance_matches_the_teacher_forced_walk(k):
+    target = tiny_llama(vocab=5, layers=2, hidden=32, seed=21)
+    drafter = tiny_tandem(target, layers=2, seed=22)
+    prompts = [[1, 2, 3, 4, 0, 1, 2], [3, 3], [4, 0, 2, 1]]
+    got = generate(target, prompts, max_new_tokens=24, proposer=TandemProposer(drafter), k=k, taps=drafter.cfg.tap_layers)
+    walks = [_tandem_walk(target, drafter, p, o, k, 24) for p, o in zip(prompts, got.tokens)]
+    assert got.stats.target_passes == sum(w[0] for w in walks)
+    assert got.stats.accepted == sum(w[1] for w in walks)
+    assert got.stats.accepted > 0  # the walk compared something

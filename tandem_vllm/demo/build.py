@@ -1,0 +1,159 @@
+"""``tandem-vllm demo build``: the embedded demo pair, built deterministically with no downloads.
+
+corpus (stdlib sources) -> byte-level BPE tokenizer -> Llama target (CE) -> standalone drafter
+(Gecko-Distil) and Tandem drafter (Tandem-Distil) with the same dims, budget and schedule ->
+held-out prompts. Everything lands in ``$TANDEM_VLLM_CACHE/demo/<size>-<recipe hash>``; each
+step is skipped when its output exists, so a rerun reuses a finished pair and an interrupted
+build resumes (training steps resume from their last checkpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tandem_vllm.config import FORMAT_VERSION
+from tandem_vllm.demo.corpus import heldout_prompts, read_sources, split_corpus, train_tokenizer, write_jsonl
+from tandem_vllm.errors import TandemError
+from tandem_vllm.train.args import ModelDims, TrainArgs
+
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    size: str
+    corpus_bytes: int  # cap on training text (sorted stdlib files)
+    vocab_size: int
+    seq_len: int
+    batch_size: int
+    target: ModelDims
+    target_steps: int
+    target_lr: float
+    drafter: ModelDims
+    drafter_steps: int
+    drafter_lr: float
+    taps: str  # l(j) for the Tandem drafter
+    block_size: int
+    n_prompts: int = 64
+    prompt_chars: int = 600
+    heldout_percent: int = 5
+    seed: int = 0
+
+    def key(self) -> str:
+        ident = {"recipe": asdict(self), "v": RECIPE_VERSION, "fmt": FORMAT_VERSION, "py": platform.python_version()}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+
+
+RECIPES = {
+    # Tests and `make demo`: about 8 minutes on 2 CPU cores.
+    "ci": DemoRecipe(
+        size="ci", corpus_bytes=3_000_000, vocab_size=2048, seq_len=256, batch_size=16,
+        target=ModelDims(layers=4, hidden=256, heads=4, kv_heads=4), target_steps=160, target_lr=2e-3,
+        drafter=ModelDims(layers=1, hidden=128, heads=4, kv_heads=4), drafter_steps=160, drafter_lr=3e-3,
+        taps="top", block_size=2,
+    ),
+    # Benchmarks: a target big enough that speculation can pay on CPU (DESIGN.md section 4).
+    "bench": DemoRecipe(
+        size="bench", corpus_bytes=12_000_000, vocab_size=4096, seq_len=256, batch_size=16,
+        target=ModelDims(layers=8, hidden=512, heads=8, kv_heads=8), target_steps=900, target_lr=1.5e-3,
+        drafter=ModelDims(layers=1, hidden=128, heads=4, kv_heads=4), drafter_steps=900, drafter_lr=3e-3,
+        taps="top", block_size=2,
+    ),
+    # Seconds: exercises every step of the pipeline in tests.
+    "tiny": DemoRecipe(
+        size="tiny", corpus_bytes=150_000, vocab_size=320, seq_len=32, batch_size=4,
+        target=ModelDims(layers=2, hidden=48, heads=4, kv_heads=2), target_steps=4, target_lr=2e-3,
+        drafter=ModelDims(layers=1, hidden=32, heads=4, kv_heads=2), drafter_steps=4, drafter_lr=3e-3,
+        taps="top", block_size=2, n_prompts=8, prompt_chars=200,
+    ),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TANDEM_VLLM_CACHE", Path.home() / ".cache" / "tandem-vllm"))
+
+
+def demo_dir(recipe: DemoRecipe, root: Path | None = None) -> Path:
+    return (root or cache_root()) / "demo" / f"{recipe.size}-{recipe.key()}"
+
+
+def build(size: str = "ci", *, root: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Build (or reuse) the demo pair; returns the manifest with the paths it holds."""
+    if size not in RECIPES:
+        raise TandemError(f"--size {size!r}: choose one of {', '.join(RECIPES)}")
+    recipe = RECIPES[size]
+    out = demo_dir(recipe, root)
+    manifest_path = out / "manifest.json"
+    if manifest_path.is_file():
+        return json.loads(manifest_path.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    _say(progress, f"building the {size} demo pair in {out}")
+
+    train_jsonl, held_jsonl, prompts = out / "corpus" / "train.jsonl", out / "corpus" / "heldout.jsonl", out / "heldout_prompts.jsonl"
+    if not prompts.is_file():
+        train_files, held_files = split_corpus(recipe.corpus_bytes, recipe.heldout_percent)
+        (out / "corpus").mkdir(exist_ok=True)
+        write_jsonl([{"text": t} for t in read_sources(train_files)], train_jsonl)
+        write_jsonl([{"text": t} for t in read_sources(held_files)], held_jsonl)
+        write_jsonl(heldout_prompts(held_files, recipe.n_prompts, recipe.prompt_chars), prompts)
+        _say(progress, f"corpus: {len(train_files)} train / {len(held_files)} held-out stdlib files")
+
+    tok_dir = out / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        texts = [json.loads(line)["text"] for line in train_jsonl.read_text().splitlines()]
+        train_tokenizer(texts, recipe.vocab_size, tok_dir)
+        _say(progress, f"tokenizer: byte-level BPE, {recipe.vocab_size} tokens")
+
+    common = dict(data=(train_jsonl,), eval_data=(held_jsonl,), seq_len=recipe.seq_len, batch_size=recipe.batch_size,
+                  warmup=max(1, recipe.target_steps // 20), eval_every=max(1, recipe.target_steps // 4),
+                  eval_batches=4, save_every=max(1, recipe.target_steps // 8), seed=recipe.seed, progress=progress)
+    target_args = TrainArgs(kind="lm", out=out / "target", tokenizer=tok_dir, dims=recipe.target, steps=recipe.target_steps,
+                            lr=recipe.target_lr, loss="ce", **common)
+    results = {"target": _train_once(target_args)}
+    drafter_common = dict(common, target=out / "target", dims=recipe.drafter, steps=recipe.drafter_steps, lr=recipe.drafter_lr,
+                          loss="distil", taps=recipe.taps, block_size=recipe.block_size)
+    results["baseline"] = _train_once(TrainArgs(kind="baseline", out=out / "baseline", **drafter_common))
+    results["tandem"] = _train_once(TrainArgs(kind="tandem", out=out / "tandem", **drafter_common))
+
+    manifest = {
+        "size": size,
+        "recipe": asdict(recipe),
+        "target": str(out / "target"),
+        "baseline": str(out / "baseline"),
+        "tandem": str(out / "tandem"),
+        "heldout_prompts": str(prompts),
+        "heldout_corpus": str(held_jsonl),
+        "eval": results,
+        "build_seconds": round(time.perf_counter() - t0, 1),
+    }
+    tmp = manifest_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, manifest_path)
+    for name in ("target", "baseline", "tandem"):
+        shutil.rmtree(out / name / "checkpoints", ignore_errors=True)
+    return manifest
+
+
+def _train_once(args: TrainArgs) -> dict[str, float]:
+    """Train unless the export exists; resume a run an earlier build left unfinished."""
+    from tandem_vllm.train.trainer import train
+
+    summary = args.out / "train_summary.json"
+    if summary.is_file():
+        return dict(json.loads(summary.read_text())["eval"])
+    resume = (args.out / "checkpoints" / "latest").is_file()
+    return train(replace(args, resume=resume)).metrics
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"[demo] {msg}", flush=True)

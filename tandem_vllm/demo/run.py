@@ -1,0 +1,65 @@
+"""``tandem-vllm generate`` and ``demo run``: decode with the reference decoders and show the numbers."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Literal
+
+from tandem_vllm.decoding.speculate import Sampling, TandemProposer, generate
+from tandem_vllm.errors import TandemError
+from tandem_vllm.modeling.pairing import load_tandem_for
+from tandem_vllm.modeling.target import load_causal_lm
+
+
+def run_generation(
+    *,
+    target: str | Path,
+    drafter: str | Path | None,
+    prompts: list[str],
+    k: int,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    mode: Literal["speed", "standalone"] = "speed",
+    seed: int = 0,
+) -> None:
+    if drafter is not None and k < 1:
+        raise TandemError(f"--k={k}; gamma must be at least 1")
+    lm = load_causal_lm(target)
+    tok = lm.tokenizer
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if any(not s for s in ids):
+        raise TandemError("an empty prompt has nothing to continue; pass non-empty --prompt text")
+    kw: dict = {}
+    if drafter is not None:
+        tandem = load_tandem_for(lm, drafter)
+        kw = dict(proposer=TandemProposer(tandem), k=k, taps=tandem.cfg.tap_layers, mode=mode)
+    t0 = time.perf_counter()
+    gen = generate(lm.model, ids, max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=tok.eos_token_id,
+                   seed=seed, **kw)
+    dt = time.perf_counter() - t0
+    for prompt, out in zip(prompts, gen.tokens):
+        print("=" * 72)
+        print(prompt, end="")
+        print(f"\033[1m{tok.decode(out)}\033[0m" if _tty() else tok.decode(out))
+    s = gen.stats
+    label = "target alone" if drafter is None else ("standalone Tandem" if mode == "standalone" else "Tandem+SPEED")
+    print("=" * 72)
+    print(f"{label}, gamma={k if drafter else 0}: {s.emitted} tokens in {s.target_passes} target passes, "
+          f"tau={s.tau:.2f}, draft acceptance {s.acceptance_rate:.1%}, per position {s.accepted_per_pos}, {dt:.2f} s")
+
+
+def _tty() -> bool:
+    import sys
+
+    return sys.stdout.isatty()
+
+
+def demo(*, size: str, k: int, max_new_tokens: int) -> None:
+    """Build (or reuse) the demo pair, then decode three held-out prompts with Tandem+SPEED."""
+    from tandem_vllm.demo.build import build
+    from tandem_vllm.quality import read_prompts
+
+    m = build(size)
+    prompts = read_prompts(m["heldout_prompts"])[:3]
+    run_generation(target=m["target"], drafter=m["tandem"], prompts=prompts, k=k, max_new_tokens=max_new_tokens)

@@ -1,0 +1,29 @@
+"""Load drafters against a target, refusing any pair whose token ids or states would not line up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tandem_vllm.config import check_target
+from tandem_vllm.errors import TandemError
+from tandem_vllm.modeling.reference import TandemDrafter
+from tandem_vllm.modeling.target import LoadedLM, load_causal_lm
+
+
+def load_tandem_for(target: LoadedLM, path: str | Path, *, device: str = "cpu") -> TandemDrafter:
+    drafter = TandemDrafter.load(path, device=device)
+    check_target(drafter.cfg, target.identity, drafter_path=str(path))
+    return drafter.to(next(target.model.parameters()).dtype).eval()
+
+
+def load_baseline_for(target: LoadedLM, path: str | Path, *, device: str = "cpu") -> LoadedLM:
+    dtype = next(target.model.parameters()).dtype
+    draft = load_causal_lm(path, device=device, dtype=dtype)
+    want, got = target.identity, draft.identity
+    if (want.vocab_size, want.tokenizer_fingerprint) != (got.vocab_size, got.tokenizer_fingerprint):
+        raise TandemError(
+            f"drafter {path} and target {want.name_or_path} use different tokenizers "
+            f"(vocab {got.vocab_size} vs {want.vocab_size}, fingerprint {got.tokenizer_fingerprint} vs "
+            f"{want.tokenizer_fingerprint}); a drafter must share the target's tokenizer"
+        )
+    return draft

@@ -1,0 +1,92 @@
+"""Training arguments: one frozen dataclass, validated once, shared by the CLI and the demo builder."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tandem_vllm.errors import TandemError
+
+Kind = Literal["tandem", "baseline", "lm"]
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Dims of a model trained from scratch (Llama-style)."""
+
+    layers: int = 1
+    hidden: int = 128
+    heads: int = 4
+    kv_heads: int = 4
+    intermediate: int = 0  # 0 = round(8/3 * hidden) up to a multiple of 32 (Llama's SwiGLU ratio)
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "hidden", "heads", "kv_heads"):
+            if getattr(self, name) < 1:
+                raise TandemError(f"--{name.replace('_', '-')}={getattr(self, name)}; it must be at least 1")
+        if self.hidden % self.heads or self.heads % self.kv_heads:
+            raise TandemError(
+                f"--hidden={self.hidden}, --heads={self.heads}, --kv-heads={self.kv_heads}: hidden must be a "
+                "multiple of heads and heads a multiple of kv-heads"
+            )
+
+    @property
+    def ffn(self) -> int:
+        return self.intermediate or -(-8 * self.hidden // 3 // 32) * 32
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    """``tandem-vllm train``. ``kind``: tandem drafter, standalone baseline drafter, or a plain LM."""
+
+    kind: Kind
+    out: Path
+    data: tuple[Path, ...]
+    target: Path | None = None  # frozen target (teacher; Tandem reads its hidden states)
+    tokenizer: Path | None = None  # for kind="lm" only: the tokenizer directory
+    eval_data: tuple[Path, ...] = ()  # default: the last 5% of packed sequences
+    dims: ModelDims = field(default_factory=ModelDims)
+    taps: str = "uniform"  # 'uniform', 'top' or a comma list of target tap indices
+    block_size: int = 2  # gamma_train (the paper's best: 2)
+    seq_len: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    steps: int = 1000
+    lr: float = 3e-3
+    warmup: int = 50
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    loss: Literal["ce", "distil"] = "distil"
+    ce_fraction: float = 0.5  # distil: stage 1 (CE only) takes this fraction of the steps
+    eval_every: int = 100
+    eval_batches: int = 4
+    save_every: int = 100
+    seed: int = 0
+    device: str = "auto"
+    bf16: Literal["auto", "on", "off"] = "auto"
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind in ("tandem", "baseline") and self.target is None:
+            raise TandemError(f"--kind {self.kind} needs --target DIR (the frozen model to distil from)")
+        if self.kind == "lm" and self.tokenizer is None and self.target is None:
+            raise TandemError("--kind lm needs --tokenizer DIR")
+        if self.block_size < 1:
+            raise TandemError(f"--block-size={self.block_size}; gamma must be at least 1")
+        positive = ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "save_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise TandemError(f"--{name.replace('_', '-')}={getattr(self, name)}; it must be at least 1")
+        if not self.lr > 0:
+            raise TandemError(f"--lr={self.lr}; it must be positive")
+        if not 0 <= self.ce_fraction <= 1:
+            raise TandemError(f"--ce-fraction={self.ce_fraction}; it must lie in [0, 1]")
+
+    # fields that must match when a run is resumed (the rest may change, e.g. eval cadence)
+    RUN_IDENTITY = ("kind", "target", "dims", "taps", "block_size", "seq_len", "batch_size", "grad_accum", "seed")
+
+    def identity(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: str(d[k]) if isinstance(d[k], Path) else d[k] for k in self.RUN_IDENTITY}

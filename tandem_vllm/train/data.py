@@ -1,0 +1,83 @@
+"""Training text: plain-text files or JSONL, tokenized and packed into fixed-length sequences."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tandem_vllm.errors import TandemError
+
+JSONL_KEYS = ("text", "prompt", "content")
+
+
+def read_texts(paths: Iterable[str | Path]) -> list[str]:
+    """Documents from files: a .jsonl line is one document (its "text"/"prompt"/"content" field);
+    any other file is one document. Raises TandemError naming the file for every bad input."""
+    docs: list[str] = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise TandemError(f"data file {path} does not exist; pass text or JSONL files")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TandemError(f"data file {path} is not UTF-8 (byte {e.start}); convert it with iconv -t utf-8") from None
+        found = _jsonl_docs(path, text) if path.suffix == ".jsonl" else [text]
+        found = [d for d in found if d.strip()]
+        if not found:
+            raise TandemError(f"data file {path} has no text; remove it or fill it")
+        docs.extend(found)
+    if not docs:
+        raise TandemError("no data files given; pass at least one text or JSONL file")
+    return docs
+
+
+def _jsonl_docs(path: Path, text: str) -> list[str]:
+    docs = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj: Any = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TandemError(f"{path}:{n} is not valid JSON ({e.msg}); one JSON object per line") from None
+        key = next((k for k in JSONL_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), str)), None)
+        if key is None:
+            raise TandemError(f"{path}:{n} has no string field {' / '.join(JSONL_KEYS)}")
+        docs.append(obj[key])
+    return docs
+
+
+def pack(docs: list[str], tokenizer: Any, seq_len: int) -> Tensor:
+    """Concatenate documents (EOS between them) into rows of seq_len + 1 tokens: (N, seq_len + 1).
+    Row r trains inputs r[:-1] against labels r[1:]."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        if eos is not None:
+            ids.append(eos)
+    n = len(ids) // (seq_len + 1)
+    if n == 0:
+        raise TandemError(f"data holds {len(ids)} tokens, fewer than one sequence of {seq_len + 1}; add text or lower --seq-len")
+    return torch.tensor(ids[: n * (seq_len + 1)], dtype=torch.long).view(n, seq_len + 1)
+
+
+def batch_indices(n_rows: int, batch_size: int, step: int, micro: int, accum: int, seed: int) -> np.ndarray:
+    """Rows of micro-batch ``micro`` of optimizer step ``step``: a pure function of its arguments,
+    so a resumed run sees exactly the batches an uninterrupted one would."""
+    start = (step * accum + micro) * batch_size
+    idx = np.arange(start, start + batch_size)
+    epochs, offsets = idx // n_rows, idx % n_rows
+    return np.array([_epoch_order(n_rows, seed, int(e))[o] for e, o in zip(epochs, offsets)])
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n_rows)

@@ -1,0 +1,298 @@
+"""The training loop: one loop for the Tandem drafter, the standalone baseline and plain LMs.
+
+The target is frozen. Tandem and baseline see the same data order, schedule, initial weights
+(the Tandem drafter starts from the baseline's init plus fresh P_j) and losses, so their gap is
+the effect of attending to the target's representations (the paper's Tandem vs Gecko-Distil).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tandem_vllm.config import TandemConfig, parse_taps
+from tandem_vllm.errors import TandemError
+from tandem_vllm.modeling.reference import TandemDrafter
+from tandem_vllm.modeling.target import LoadedLM, hidden_taps, load_causal_lm, num_layers
+from tandem_vllm.train.args import TrainArgs
+from tandem_vllm.train.data import batch_indices, pack, read_texts
+from tandem_vllm.train.loss import ce_loss, distil_loss, tv_distance
+
+CKPT_DIR = "checkpoints"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out: Path
+    steps: int
+    metrics: dict[str, float]  # final held-out evaluation
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TandemError(f"--device {name} but no CUDA device is visible; use --device cpu")
+    return torch.device(name)
+
+
+def _use_bf16(args: TrainArgs, device: torch.device) -> bool:
+    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if args.bf16 == "on" and not supported:
+        raise TandemError("--bf16 on needs a CUDA device with bf16 support; use --bf16 auto")
+    return args.bf16 == "on" or (args.bf16 == "auto" and supported)
+
+
+def _llama(vocab: int, args: TrainArgs, tok: Any) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = args.dims
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=d.hidden,
+        intermediate_size=d.ffn,
+        num_hidden_layers=d.layers,
+        num_attention_heads=d.heads,
+        num_key_value_heads=d.kv_heads,
+        max_position_embeddings=max(2048, args.seq_len),
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def build_student(args: TrainArgs, teacher: LoadedLM | None, tok: Any) -> torch.nn.Module:
+    vocab = teacher.identity.vocab_size if teacher else len(tok)
+    torch.manual_seed(args.seed)
+    base = _llama(vocab, args, tok)
+    if args.kind != "tandem":
+        return base
+    assert teacher is not None
+    d = args.dims
+    cfg = TandemConfig(
+        vocab_size=vocab,
+        hidden_size=d.hidden,
+        intermediate_size=d.ffn,
+        num_hidden_layers=d.layers,
+        num_attention_heads=d.heads,
+        num_key_value_heads=d.kv_heads,
+        max_position_embeddings=base.config.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tap_layers=parse_taps(args.taps, d.layers, num_layers(teacher.model)),
+        block_size=args.block_size,
+        target=teacher.identity,
+    )
+    drafter = TandemDrafter(cfg)
+    drafter.load_state_dict(base.state_dict(), strict=False)  # the baseline's exact init
+    for layer in drafter.model.layers:
+        torch.nn.init.normal_(layer.ctx_proj.weight, std=0.02)
+    return drafter
+
+
+def _forward(args: TrainArgs, student: Any, teacher: LoadedLM | None, inp: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Student logits (B, T, V) and, with a teacher, its logits (B, T, V)."""
+    if teacher is None:
+        return student(input_ids=inp).logits, None
+    with torch.no_grad():
+        t_out = teacher.model(input_ids=inp, output_hidden_states=args.kind == "tandem")
+    if args.kind == "tandem":
+        taps = hidden_taps(t_out.hidden_states, student.cfg.tap_layers)
+        return student.forward_train(inp, taps), t_out.logits
+    return student(input_ids=inp).logits, t_out.logits
+
+
+@torch.no_grad()
+def evaluate(args: TrainArgs, student: Any, teacher: LoadedLM | None, rows: Tensor, device: torch.device) -> dict[str, float]:
+    """Held-out next-token accuracy and CE; with a teacher also agreement with its argmax and TV."""
+    student.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    for i in range(0, min(len(rows), args.eval_batches * args.batch_size), args.batch_size):
+        batch = rows[i : i + args.batch_size].to(device)
+        inp, lab = batch[:, :-1], batch[:, 1:]
+        logits, t_logits = _forward(args, student, teacher, inp)
+        mask = torch.ones_like(lab)
+        pred = logits.argmax(-1)
+        parts = {"ce": ce_loss(logits, lab, mask).item(), "accuracy": (pred == lab).float().mean().item()}
+        if t_logits is not None:
+            parts["agreement"] = (pred == t_logits.argmax(-1)).float().mean().item()
+            parts["tv"] = tv_distance(logits, t_logits).mean().item()
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v * len(batch)
+        n += len(batch)
+    student.train()
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def _schedule(args: TrainArgs) -> Any:
+    def factor(step: int) -> float:
+        if step < args.warmup:
+            return (step + 1) / args.warmup
+        frac = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+    return factor
+
+
+def train(args: TrainArgs, *, stop_after: int | None = None) -> TrainResult:
+    """Run (or resume) training and export the model to ``args.out``.
+
+    ``stop_after`` ends the run after that many optimizer steps without exporting, as if it had
+    been killed right after a checkpoint; tests use it to check ``resume``.
+    """
+    from tqdm.auto import tqdm
+
+    device = resolve_device(args.device)
+    bf16 = _use_bf16(args, device)
+    teacher = None
+    if args.target is not None and args.kind != "lm":
+        teacher = load_causal_lm(args.target, device=str(device), dtype=torch.bfloat16 if bf16 else torch.float32)
+        teacher.model.requires_grad_(False)
+        tok = teacher.tokenizer
+    else:
+        tok = _load_tokenizer(args.tokenizer or args.target)
+    rows = pack(read_texts(args.data), tok, args.seq_len)
+    if args.eval_data:
+        eval_rows = pack(read_texts(args.eval_data), tok, args.seq_len)
+    else:
+        n_eval = max(1, len(rows) // 20)
+        if len(rows) - n_eval < 1:
+            raise TandemError(f"data packs into {len(rows)} sequence(s); need 2+ to hold one out (or pass --eval-data)")
+        rows, eval_rows = rows[:-n_eval], rows[-n_eval:]
+
+    student = build_student(args, teacher, tok).to(device)
+    student.train()
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(args))
+    ckpts = args.out / CKPT_DIR
+    start = _prepare_run_dir(args, ckpts, student, opt, sched)
+
+    log = (args.out / "train_log.jsonl").open("a")
+    bar = tqdm(total=args.steps, initial=start, desc=f"train {args.kind}", disable=not args.progress, unit="step")
+    t0, tokens_seen, metrics = time.perf_counter(), 0, {}
+    for step in range(start, args.steps):
+        distil = teacher is not None and args.loss == "distil" and step >= args.ce_fraction * args.steps
+        total = 0.0
+        for micro in range(args.grad_accum):
+            idx = batch_indices(len(rows), args.batch_size, step, micro, args.grad_accum, args.seed)
+            batch = rows[torch.from_numpy(idx)].to(device)
+            inp, lab = batch[:, :-1], batch[:, 1:]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits, t_logits = _forward(args, student, teacher, inp)
+            mask = torch.ones_like(lab)
+            loss = distil_loss(logits, t_logits, lab, mask) if distil and t_logits is not None else ce_loss(logits, lab, mask)
+            (loss / args.grad_accum).backward()
+            total += loss.item() / args.grad_accum
+            tokens_seen += lab.numel()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tokens_seen / (time.perf_counter() - t0):.0f}", stage="distil" if distil else "ce")
+        done = step + 1
+        record: dict[str, Any] = {"step": done, "loss": total, "lr": sched.get_last_lr()[0]}
+        if done % args.eval_every == 0 or done == args.steps:
+            metrics = evaluate(args, student, teacher, eval_rows, device)
+            record["eval"] = metrics
+            bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if done % args.save_every == 0 or done == args.steps:
+            _save_checkpoint(ckpts, done, student, opt, sched)
+        if stop_after is not None and done >= stop_after:
+            bar.close()
+            log.close()
+            return TrainResult(out=args.out, steps=done, metrics=metrics)
+    bar.close()
+    log.close()
+    if not metrics:
+        metrics = evaluate(args, student, teacher, eval_rows, device)
+    _export(args, student.float(), tok, metrics)
+    return TrainResult(out=args.out, steps=args.steps, metrics=metrics)
+
+
+def _load_tokenizer(path: Path | None) -> Any:
+    from transformers import AutoTokenizer
+
+    if path is None or not Path(path).is_dir():
+        raise TandemError(f"tokenizer directory {path} does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise TandemError(f"cannot load a tokenizer from {path}: {' '.join(str(e).split())[:200]}") from None
+
+
+# ---- checkpoints: written atomically, resumed exactly -----------------------------------------
+def _prepare_run_dir(args: TrainArgs, ckpts: Path, student: Any, opt: Any, sched: Any) -> int:
+    latest = ckpts / "latest"
+    if not args.resume:
+        if latest.exists():
+            raise TandemError(f"{args.out} already holds a training run; pass --resume to continue it or pick another --out")
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "run.json").write_text(json.dumps(args.identity(), indent=2))
+        (args.out / "train_log.jsonl").unlink(missing_ok=True)
+        return 0
+    if not latest.exists():
+        raise TandemError(f"--resume: {args.out} has no checkpoint to resume; drop --resume to start a run")
+    saved = json.loads((args.out / "run.json").read_text())
+    diffs = [k for k, v in args.identity().items() if saved.get(k) != v]
+    if diffs:
+        raise TandemError(f"--resume: {', '.join(diffs)} differ from the run in {args.out}; resume with the same settings")
+    from safetensors.torch import load_model
+
+    ck = ckpts / latest.read_text().strip()
+    load_model(student, str(ck / "student.safetensors"))
+    state = torch.load(ck / "trainer.pt", weights_only=False)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _save_checkpoint(ckpts: Path, step: int, student: Any, opt: Any, sched: Any) -> None:
+    """Write to a temp dir, rename it into place, then flip ``latest``: a kill at any point leaves
+    the previous checkpoint intact and pointed to."""
+    from safetensors.torch import save_model
+
+    ckpts.mkdir(parents=True, exist_ok=True)
+    tmp = ckpts / f".tmp-step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(student, str(tmp / "student.safetensors"))
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state(), "step": step}, tmp / "trainer.pt")
+    final = ckpts / f"step-{step:07d}"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _atomic_write(ckpts / "latest", final.name)
+    for old in sorted(ckpts.glob("step-*"))[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _export(args: TrainArgs, student: Any, tok: Any, metrics: dict[str, float]) -> None:
+    if args.kind == "tandem":
+        student.save(args.out)
+    else:
+        student.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+    _atomic_write(args.out / "train_summary.json", json.dumps({"kind": args.kind, "steps": args.steps, "eval": metrics}, indent=2))

@@ -1,0 +1,143 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tandem_vllm.config import TandemConfig, check_target
+from tandem_vllm.demo.corpus import read_sources, stdlib_files, train_tokenizer
+from tandem_vllm.errors import TandemError
+from tandem_vllm.modeling.pairing import load_baseline_for, load_tandem_for
+from tandem_vllm.modeling.reference import TandemDrafter
+from tandem_vllm.modeling.target import load_causal_lm
+from tandem_vllm.train.args import ModelDims, TrainArgs
+from tandem_vllm.train.data import pack, read_texts
+from tandem_vllm.train.loss import ce_loss, distil_loss, soft_ce, tv_distance
+from tandem_vllm.train.trainer import train
+
+
+# ---- losses on hand-computed cases ------------------------------------------------------------
+def test_ce_loss_hand_computed():
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]]))
+    labels = torch.tensor([[0, 2]])
+    want = -(torch.log(torch.tensor(0.5)) + torch.log(torch.tensor(0.8))) / 2
+    torch.testing.assert_close(ce_loss(logits, labels, torch.ones(1, 2)), want)
+    # the mask drops position 1
+    torch.testing.assert_close(ce_loss(logits, labels, torch.tensor([[1, 0]])), -torch.log(torch.tensor(0.5)))
+
+
+def test_soft_ce_and_distil_hand_computed():
+    s = torch.log(torch.tensor([[[0.5, 0.5]]]))
+    t = torch.log(torch.tensor([[[0.9, 0.1]]]))
+    want_soft = -(0.9 * torch.log(torch.tensor(0.5)) + 0.1 * torch.log(torch.tensor(0.5)))
+    torch.testing.assert_close(soft_ce(s, t, torch.ones(1, 1)), want_soft)
+    want = 0.5 * -torch.log(torch.tensor(0.5)) + 0.5 * want_soft
+    torch.testing.assert_close(distil_loss(s, t, torch.tensor([[1]]), torch.ones(1, 1)), want)
+    torch.testing.assert_close(tv_distance(s, t), torch.tensor([[0.4]]))
+
+
+# ---- a tiny tokenizer + target built on the fly ------------------------------------------------
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    files = stdlib_files()[:40]
+    texts = list(read_sources(files))
+    tok = train_tokenizer(texts, 320, root / "tok")
+    (root / "data.txt").write_text("\n".join(texts)[:60_000])
+    torch.manual_seed(0)
+    target = LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id)
+    )
+    target.save_pretrained(root / "target")
+    tok.save_pretrained(root / "target")
+    return root
+
+
+def _args(root, kind, out, **kw):
+    base = dict(kind=kind, out=root / out, data=(root / "data.txt",), target=root / "target", dims=ModelDims(layers=1, hidden=32),
+                seq_len=32, batch_size=4, steps=6, warmup=2, eval_every=3, eval_batches=2, save_every=2, progress=False)
+    base.update(kw)
+    return TrainArgs(**base)
+
+
+def test_tandem_checkpoint_round_trip_and_target_check(workdir):
+    res = train(_args(workdir, "tandem", "tandem"))
+    assert {"ce", "accuracy", "agreement", "tv"} <= res.metrics.keys()
+    cfg = TandemConfig.load(workdir / "tandem")
+    assert cfg.tap_layers == (0,) and cfg.block_size == 2 and cfg.target.num_hidden_layers == 2
+    raw = json.loads((workdir / "tandem" / "config.json").read_text())
+    assert raw["architectures"] == ["TandemDrafterForCausalLM"] and raw["tandem_format_version"] == 1
+    target = load_causal_lm(workdir / "target")
+    drafter = load_tandem_for(target, workdir / "tandem")
+    saved = load_file(str(workdir / "tandem" / "model.safetensors"))
+    for name, tensor in saved.items():
+        torch.testing.assert_close(drafter.state_dict()[name], tensor)
+    # a different target (other width) is refused with a message naming both
+    other = workdir / "other-target"
+    LlamaForCausalLM(LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
+    target.tokenizer.save_pretrained(other)
+    with pytest.raises(TandemError, match=r"trained for target .*target.* but got .*other-target.*hidden_size 48 != 64"):
+        load_tandem_for(load_causal_lm(other), workdir / "tandem")
+
+
+def test_baseline_trains_and_refuses_another_tokenizer(workdir):
+    train(_args(workdir, "baseline", "baseline"))
+    target = load_causal_lm(workdir / "target")
+    assert load_baseline_for(target, workdir / "baseline").identity.vocab_size == target.identity.vocab_size
+    texts = list(read_sources(stdlib_files()[40:60]))
+    alien = workdir / "alien"
+    tok = train_tokenizer(texts, 320, alien)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4)).save_pretrained(alien)
+    with pytest.raises(TandemError, match="different tokenizers"):
+        load_baseline_for(target, alien)
+
+
+def test_resume_after_interruption_reaches_the_uninterrupted_state(workdir):
+    train(_args(workdir, "tandem", "full", steps=6))
+    train(_args(workdir, "tandem", "cut", steps=6), stop_after=4)  # "killed" right after step 4's checkpoint
+    assert not (workdir / "cut" / "model.safetensors").exists()
+    train(_args(workdir, "tandem", "cut", steps=6, resume=True))
+    a = load_file(str(workdir / "full" / "model.safetensors"))
+    b = load_file(str(workdir / "cut" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    log = [json.loads(line) for line in (workdir / "cut" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_second_run_into_the_same_dir_needs_resume(workdir):
+    train(_args(workdir, "baseline", "twice", steps=2))
+    with pytest.raises(TandemError, match="--resume"):
+        train(_args(workdir, "baseline", "twice", steps=2))
+
+
+def test_bad_data_files_get_one_line_errors(tmp_path, workdir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9".encode("latin-1"))
+    badjson = tmp_path / "bad.jsonl"
+    badjson.write_text('{"text": "ok"}\n{nope\n')
+    for path, msg in [(empty, "has no text"), (latin, "not UTF-8"), (badjson, "bad.jsonl:2 is not valid JSON"),
+                      (tmp_path / "missing.txt", "does not exist")]:
+        with pytest.raises(TandemError, match=msg):
+            read_texts([path])
+    tok = load_causal_lm(workdir / "target").tokenizer
+    with pytest.raises(TandemError, match="fewer than one sequence"):
+        pack(["tiny"], tok, 64)
+
+
+def test_bad_train_args_are_refused(workdir):
+    with pytest.raises(TandemError, match="gamma must be at least 1"):
+        _args(workdir, "tandem", "x", block_size=0)
+    with pytest.raises(TandemError, match="needs --target"):
+        TrainArgs(kind="tandem", out=workdir / "x", data=())
+    with pytest.raises(TandemError, match="multiple of heads"):
+        ModelDims(hidden=30, heads=4)
+    with pytest.raises(TandemError, match="does not exist"):
+        train(_args(workdir, "tandem", "y", target=workdir / "nope"))
