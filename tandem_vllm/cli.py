@@ -20,7 +20,7 @@ def _train(a: argparse.Namespace) -> None:
         dims=ModelDims(layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads or a.heads, intermediate=a.intermediate),
         taps=a.taps, block_size=a.block_size, seq_len=a.seq_len, batch_size=a.batch_size, grad_accum=a.grad_accum,
         steps=a.steps, lr=a.lr, warmup=a.warmup, loss=a.loss, ce_fraction=a.ce_fraction, eval_every=a.eval_every,
-        save_every=a.save_every, seed=a.seed, device=a.device, bf16=a.bf16, resume=a.resume,
+        save_every=a.save_every, seed=a.seed, device=a.device, bf16=a.bf16, attn=a.attn, resume=a.resume,
     )
     res = train(args)
     print(json.dumps({"out": str(res.out), "steps": res.steps, "eval": res.metrics}))
@@ -103,6 +103,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
     t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto")
+    t.add_argument("--attn", choices=["auto", "sdpa", "flex"], default="auto", help="training attention; auto = flex on CUDA")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.set_defaults(func=_train)
 

@@ -18,6 +18,7 @@ from tandem_vllm.decoding.speculate import DraftModelProposer, Generation, Tande
 from tandem_vllm.errors import TandemError
 from tandem_vllm.modeling.pairing import load_baseline_for, load_tandem_for
 from tandem_vllm.modeling.target import hidden_taps, load_causal_lm
+from tandem_vllm.progress import progress_bar
 from tandem_vllm.train.data import read_texts
 from tandem_vllm.train.loss import tv_distance
 
@@ -66,8 +67,6 @@ def quality_report(
     max_prompts: int = 64,
     progress: bool = True,
 ) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
     target = load_causal_lm(target_dir)
     tandem = load_tandem_for(target, drafter_dir)
     baseline = load_baseline_for(target, baseline_dir) if baseline_dir else None
@@ -87,7 +86,7 @@ def quality_report(
     if baseline is not None:
         taus["baseline"] = {}
     jobs = [(name, g) for g in gammas for name in taus]
-    for name, g in tqdm(jobs, desc="tau vs gamma", disable=not progress):
+    for name, g in progress_bar(iterable=jobs, desc="tau vs gamma", disable=not progress):
         if name == "tandem":
             gen: Generation = generate(target.model, ids, max_new_tokens=max_new_tokens, proposer=TandemProposer(tandem), k=g,
                                        taps=tandem.cfg.tap_layers)

@@ -19,7 +19,9 @@ With every position in one block (no context) the drafter is exactly a Llama.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +72,43 @@ def mask_from_block_starts(starts: Tensor) -> Tensor:
     return torch.cat([(j < s).expand(*starts.shape, t), (j >= s) & (j <= i)], dim=-1)
 
 
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Any) -> Tensor:
+    """SDPA with a boolean mask, or flex attention with a BlockMask (skips fully masked tiles)."""
+    if isinstance(mask, Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex attention in eager mode" notice: expected on CPU
+        return _flex_attention()(q, k, v, block_mask=mask)
+
+
+@lru_cache(maxsize=1)
+def _flex_attention() -> Any:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # compiled, flex attention is a fused kernel on GPUs; eager (CPU) it is a slow reference
+    return torch.compile(flex_attention) if torch.cuda.is_available() else flex_attention
+
+
+def flex_block_causal_mask(seq_len: int, block_size: int, device: torch.device | str) -> Any:
+    """``block_causal_mask`` as a flex-attention BlockMask over the same (T, 2T) key layout."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
+        start = (i // block_size) * block_size
+        return ((j < seq_len) & (j < start)) | ((j >= seq_len) & (j - seq_len >= start) & (j - seq_len <= i))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager-mode notice on CPU
+        return create_block_mask(mask_mod, None, None, seq_len, 2 * seq_len, device=str(device))
+
+
+AttnBackend = Literal["sdpa", "flex"]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TandemConfig) -> None:
         super().__init__()
@@ -88,9 +127,10 @@ class Attention(nn.Module):
         return k, self._heads(self.v_proj(x), self.n_kv)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, prefix_k: Tensor, prefix_v: Tensor, mask: Tensor
+        self, x: Tensor, cos: Tensor, sin: Tensor, prefix_k: Tensor, prefix_v: Tensor, mask: Any
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B,T,D) normed; prefix_k/v (B,Hk,P,hd) precede this call's keys; mask (B|1,1,T,P+T).
+        """x (B,T,D) normed; prefix_k/v (B,Hk,P,hd) precede this call's keys; mask (B|1,1,T,P+T)
+        bool or a flex BlockMask.
 
         Returns the attention output (B,T,D) and this call's own keys/values for caching.
         """
@@ -98,7 +138,7 @@ class Attention(nn.Module):
         k, v = self.kv(x, cos, sin)
         keys = torch.cat([prefix_k, k], dim=2).repeat_interleave(self.n_heads // self.n_kv, dim=1)
         values = torch.cat([prefix_v, v], dim=2).repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, T, hd)
+        out = _attend(q, keys, values, mask)  # (B, H, T, hd)
         return self.o_proj(out.transpose(1, 2).flatten(2)), k, v
 
 
@@ -127,7 +167,7 @@ class DrafterLayer(nn.Module):
         return self.self_attn.kv(self.input_layernorm(self.ctx_proj(target_state)), cos, sin)
 
     def forward(
-        self, h: Tensor, cos: Tensor, sin: Tensor, prefix_k: Tensor, prefix_v: Tensor, mask: Tensor
+        self, h: Tensor, cos: Tensor, sin: Tensor, prefix_k: Tensor, prefix_v: Tensor, mask: Any
     ) -> tuple[Tensor, Tensor, Tensor]:
         a, k, v = self.self_attn(self.input_layernorm(h), cos, sin, prefix_k, prefix_v, mask)
         h = h + a
@@ -154,9 +194,10 @@ class DrafterCache:
 
 
 class TandemDrafter(nn.Module):
-    def __init__(self, cfg: TandemConfig) -> None:
+    def __init__(self, cfg: TandemConfig, *, attn_backend: AttnBackend = "sdpa") -> None:
         super().__init__()
         self.cfg = cfg
+        self.attn_backend = attn_backend  # training form only; decoding always uses SDPA
         self.model = _Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -179,7 +220,10 @@ class TandemDrafter(nn.Module):
         positions = torch.arange(t, device=tokens.device).expand(b, t)
         h = self.model.embed_tokens(tokens)  # (B, T, D)
         cos, sin = self._rope(positions, h.dtype)
-        if block_starts is None:
+        mask: Any
+        if block_starts is None and self.attn_backend == "flex":
+            mask = flex_block_causal_mask(t, block_size or self.cfg.block_size, tokens.device)
+        elif block_starts is None:
             mask = block_causal_mask(t, block_size or self.cfg.block_size, tokens.device)[None, None]  # (1,1,T,2T)
         else:
             mask = mask_from_block_starts(block_starts)[:, None]  # (B,1,T,2T)

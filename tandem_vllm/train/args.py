@@ -65,6 +65,7 @@ class TrainArgs:
     seed: int = 0
     device: str = "auto"
     bf16: Literal["auto", "on", "off"] = "auto"
+    attn: Literal["auto", "sdpa", "flex"] = "auto"  # Tandem training attention; auto = flex on CUDA
     resume: bool = False
     progress: bool = True
 

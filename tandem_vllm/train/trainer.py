@@ -22,6 +22,7 @@ from torch import Tensor
 from tandem_vllm.config import TandemConfig, parse_taps
 from tandem_vllm.errors import TandemError
 from tandem_vllm.modeling.reference import TandemDrafter
+from tandem_vllm.progress import progress_bar
 from tandem_vllm.modeling.target import LoadedLM, hidden_taps, load_causal_lm, num_layers
 from tandem_vllm.train.args import TrainArgs
 from tandem_vllm.train.data import batch_indices, pack, read_texts
@@ -153,8 +154,8 @@ def train(args: TrainArgs, *, stop_after: int | None = None) -> TrainResult:
     ``stop_after`` ends the run after that many optimizer steps without exporting, as if it had
     been killed right after a checkpoint; tests use it to check ``resume``.
     """
-    from tqdm.auto import tqdm
-
+    docs = read_texts(args.data)  # bad data fails fast, before any model is loaded
+    eval_docs = read_texts(args.eval_data) if args.eval_data else None
     device = resolve_device(args.device)
     bf16 = _use_bf16(args, device)
     teacher = None
@@ -164,9 +165,9 @@ def train(args: TrainArgs, *, stop_after: int | None = None) -> TrainResult:
         tok = teacher.tokenizer
     else:
         tok = _load_tokenizer(args.tokenizer or args.target)
-    rows = pack(read_texts(args.data), tok, args.seq_len)
-    if args.eval_data:
-        eval_rows = pack(read_texts(args.eval_data), tok, args.seq_len)
+    rows = pack(docs, tok, args.seq_len)
+    if eval_docs:
+        eval_rows = pack(eval_docs, tok, args.seq_len)
     else:
         n_eval = max(1, len(rows) // 20)
         if len(rows) - n_eval < 1:
@@ -174,6 +175,10 @@ def train(args: TrainArgs, *, stop_after: int | None = None) -> TrainResult:
         rows, eval_rows = rows[:-n_eval], rows[-n_eval:]
 
     student = build_student(args, teacher, tok).to(device)
+    if args.attn == "flex" and device.type != "cuda":
+        raise TandemError("--attn flex trains on CUDA only (flex attention has no CPU backward); use --attn sdpa")
+    if isinstance(student, TandemDrafter):
+        student.attn_backend = "flex" if args.attn == "flex" or (args.attn == "auto" and device.type == "cuda") else "sdpa"
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
@@ -182,7 +187,7 @@ def train(args: TrainArgs, *, stop_after: int | None = None) -> TrainResult:
     start = _prepare_run_dir(args, ckpts, student, opt, sched)
 
     log = (args.out / "train_log.jsonl").open("a")
-    bar = tqdm(total=args.steps, initial=start, desc=f"train {args.kind}", disable=not args.progress, unit="step")
+    bar = progress_bar(total=args.steps, initial=start, desc=f"train {args.kind}", disable=not args.progress, unit="step")
     t0, tokens_seen, metrics = time.perf_counter(), 0, {}
     for step in range(start, args.steps):
         distil = teacher is not None and args.loss == "distil" and step >= args.ce_fraction * args.steps
@@ -203,7 +208,7 @@ def train(args: TrainArgs, *, stop_after: int | None = None) -> TrainResult:
         sched.step()
         opt.zero_grad(set_to_none=True)
         bar.update(1)
-        bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tokens_seen / (time.perf_counter() - t0):.0f}", stage="distil" if distil else "ce")
+        bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tokens_seen / (time.perf_counter() - t0):.0f}", stage="distil" if distil else "ce", refresh=False)
         done = step + 1
         record: dict[str, Any] = {"step": done, "loss": total, "lr": sched.get_last_lr()[0]}
         if done % args.eval_every == 0 or done == args.steps:

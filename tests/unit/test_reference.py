@@ -112,3 +112,31 @@ def test_incremental_form_equals_full_sequence_form(qwen_target, block):
         positions = torch.arange(start, end).expand(2, -1)
         drafter.extend_context(cache, taps[:, start:end], positions, torch.ones(2, end - start, dtype=torch.bool))
     torch.testing.assert_close(torch.cat(got, 1), want)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flex_attention_training_form_agrees_with_sdpa(target, device):
+    """Flex runs forward-only on CPU (no CPU backward); on a GPU the gradients are compared too."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    drafter = tiny_tandem(target, block_size=2).float().to(device)
+    tokens = torch.randint(0, 97, (2, 32))
+    taps = _taps(target, drafter, tokens).float().to(device)
+    tokens = tokens.to(device)
+    outs = {}
+    for backend in ("sdpa", "flex"):
+        drafter.attn_backend = backend
+        drafter.zero_grad()
+        with torch.set_grad_enabled(device == "cuda"):
+            logits = drafter.forward_train(tokens, taps)
+        grads = []
+        if device == "cuda":
+            logits.square().mean().backward()
+            grads = [p.grad.clone() for p in drafter.parameters()]
+        outs[backend] = (logits.detach(), grads)
+    torch.testing.assert_close(outs["flex"][0], outs["sdpa"][0], atol=1e-4, rtol=1e-4)
+    for g_flex, g_sdpa in zip(outs["flex"][1], outs["sdpa"][1]):
+        torch.testing.assert_close(g_flex, g_sdpa, atol=1e-4, rtol=1e-4)

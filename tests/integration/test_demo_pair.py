@@ -1,0 +1,72 @@
+"""The ci demo pair, end to end: built once per machine (cached by recipe hash), ~8 min on 2 cores."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tandem_vllm.decoding.speculate import DraftModelProposer, TandemProposer, generate
+from tandem_vllm.demo.build import build
+from tandem_vllm.modeling.pairing import load_baseline_for, load_tandem_for
+from tandem_vllm.modeling.target import load_causal_lm
+from tandem_vllm.quality import quality_report, read_prompts, write_report
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pair():
+    m = build("ci", progress=False)
+    target = load_causal_lm(m["target"])
+    prompts = read_prompts(m["heldout_prompts"])
+    ids = [target.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return m, target, ids
+
+
+def test_demo_build_json_names_the_built_paths(pair):
+    r = subprocess.run([sys.executable, "-m", "tandem_vllm.cli", "demo", "build", "--size", "ci", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    paths = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(paths) == {"target", "baseline", "tandem", "heldout_prompts"}
+    assert paths["tandem"] == pair[0]["tandem"]
+
+
+def test_target_is_clearly_better_than_both_drafters(pair):
+    ev = pair[0]["eval"]
+    for drafter in ("baseline", "tandem"):
+        assert ev["target"]["ce"] < ev[drafter]["ce"] - 0.1, ev
+        assert ev["target"]["accuracy"] > ev[drafter]["accuracy"], ev
+
+
+def test_at_least_50_heldout_prompts_longer_than_a_kv_block(pair):
+    _, _, ids = pair
+    assert len(ids) >= 50 and min(len(s) for s in ids) > 16
+
+
+@pytest.mark.parametrize("kind", ["speed", "tandem"])
+def test_greedy_speculation_on_the_demo_pair_equals_target_alone(pair, kind):
+    m, target, ids = pair
+    ids = ids[:16]
+    want = generate(target.model, ids, max_new_tokens=32)
+    if kind == "tandem":
+        drafter = load_tandem_for(target, m["tandem"])
+        got = generate(target.model, ids, max_new_tokens=32, proposer=TandemProposer(drafter), k=5,
+                       taps=drafter.cfg.tap_layers)
+    else:
+        got = generate(target.model, ids, max_new_tokens=32, proposer=DraftModelProposer(load_baseline_for(target, m["baseline"]).model), k=5)
+    assert got.tokens == want.tokens
+    assert got.stats.tau > 1.2  # trained drafters do get drafts accepted
+
+
+def test_quality_report_files(pair, tmp_path):
+    m, _, _ = pair
+    rep = quality_report(target_dir=m["target"], drafter_dir=m["tandem"], baseline_dir=m["baseline"],
+                         prompts_file=m["heldout_prompts"], gammas=(2, 5), max_new_tokens=16, max_prompts=8, progress=False)
+    write_report(rep, tmp_path / "r.json", tmp_path / "r.md", tmp_path / "r.png")
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert set(saved["teacher_forced"]) == {"target", "baseline", "tandem"}
+    assert set(saved["tau"]["tandem"]) == {"2", "5"}
+    assert "| tau Tandem+SPEED |" in (tmp_path / "r.md").read_text()
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
