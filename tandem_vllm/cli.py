@@ -88,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--heads", type=int, default=4)
     t.add_argument("--kv-heads", type=int, default=0, help="default: --heads")
     t.add_argument("--intermediate", type=int, default=0, help="default: 8/3 * hidden")
-    t.add_argument("--taps", default="top", help="tap map l(j): 'top', 'uniform' or e.g. '4,8'")
+    t.add_argument("--taps", default="span", help="tap map l(j): 'span' (embedding..final), 'uniform', 'top' or e.g. '0,8'")
     t.add_argument("--block-size", type=int, default=2, help="gamma used in training")
     t.add_argument("--seq-len", type=int, default=256)
     t.add_argument("--batch-size", type=int, default=8)

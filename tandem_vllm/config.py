@@ -222,16 +222,25 @@ def top_taps(num_drafter_layers: int, num_target_layers: int) -> tuple[int, ...]
     return tuple(num_target_layers - num_drafter_layers + 1 + j for j in range(num_drafter_layers))
 
 
+def span_taps(num_drafter_layers: int, num_target_layers: int) -> tuple[int, ...]:
+    """Evenly from the embedding output (layer 0 keeps token identities of context positions, which
+    drafting by copying needs) to the final state (layer L_S-1 gets the target's prediction)."""
+    if num_drafter_layers == 1:
+        return (num_target_layers,)
+    return tuple(round(j * num_target_layers / (num_drafter_layers - 1)) for j in range(num_drafter_layers))
+
+
+TAP_MAPS = {"span": span_taps, "uniform": uniform_taps, "top": top_taps}
+
+
 def parse_taps(spec: str, num_drafter_layers: int, num_target_layers: int) -> tuple[int, ...]:
-    """``uniform``, ``top`` or a comma list such as ``0,4,8``."""
-    if spec == "uniform":
-        return uniform_taps(num_drafter_layers, num_target_layers)
-    if spec == "top":
-        return top_taps(num_drafter_layers, num_target_layers)
+    """``span``, ``uniform``, ``top`` or a comma list such as ``0,4,8``."""
+    if spec in TAP_MAPS:
+        return TAP_MAPS[spec](num_drafter_layers, num_target_layers)
     try:
         taps = tuple(int(x) for x in spec.split(","))
     except ValueError:
-        raise TandemError(f"--taps {spec!r}: expected 'uniform', 'top' or a comma list of layer indices") from None
+        raise TandemError(f"--taps {spec!r}: expected {', '.join(TAP_MAPS)} or a comma list of layer indices") from None
     if len(taps) != num_drafter_layers:
         raise TandemError(f"--taps {spec!r} names {len(taps)} layers; the drafter has {num_drafter_layers}")
     return taps

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from tandem_vllm.decoding.speculate import DraftModelProposer, Generation, TandemProposer, generate
+from tandem_vllm.decoding.speculate import DraftModelProposer, Sampling, TandemProposer, generate
 from tandem_vllm.errors import TandemError
 from tandem_vllm.modeling.pairing import load_baseline_for, load_tandem_for
 from tandem_vllm.modeling.target import hidden_taps, load_causal_lm
@@ -23,6 +23,9 @@ from tandem_vllm.train.data import read_texts
 from tandem_vllm.train.loss import tv_distance
 
 METRICS = ("accuracy", "ce", "agreement", "tv")
+# Greedy tau on a small target is dominated by its degenerate loops (e.g. runs of newlines that
+# one drafter happens to predict); sampled tau (T=1) tracks the distributions' overlap.
+TAU_MODES = {"greedy": Sampling(), "sampled": Sampling(temperature=1.0)}
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -66,6 +69,7 @@ def quality_report(
     max_new_tokens: int = 64,
     max_prompts: int = 64,
     progress: bool = True,
+    seed: int = 0,
 ) -> dict[str, Any]:
     target = load_causal_lm(target_dir)
     tandem = load_tandem_for(target, drafter_dir)
@@ -82,18 +86,17 @@ def quality_report(
         rows["baseline"] = teacher_forced(target.model, baseline.model, "baseline", ids)
     rows["tandem"] = teacher_forced(target.model, tandem, "tandem", ids)
 
-    taus: dict[str, dict[int, float]] = {"tandem": {}}
-    if baseline is not None:
-        taus["baseline"] = {}
-    jobs = [(name, g) for g in gammas for name in taus]
-    for name, g in progress_bar(iterable=jobs, desc="tau vs gamma", disable=not progress):
+    names = ["baseline", "tandem"] if baseline is not None else ["tandem"]
+    taus: dict[str, dict[str, dict[str, float]]] = {mode: {n: {} for n in names} for mode in TAU_MODES}
+    jobs = [(mode, name, g) for mode in TAU_MODES for g in gammas for name in names]
+    for mode, name, g in progress_bar(iterable=jobs, desc="tau vs gamma", disable=not progress):
         if name == "tandem":
-            gen: Generation = generate(target.model, ids, max_new_tokens=max_new_tokens, proposer=TandemProposer(tandem), k=g,
-                                       taps=tandem.cfg.tap_layers)
+            kw: dict[str, Any] = dict(proposer=TandemProposer(tandem), taps=tandem.cfg.tap_layers)
         else:
             assert baseline is not None
-            gen = generate(target.model, ids, max_new_tokens=max_new_tokens, proposer=DraftModelProposer(baseline.model), k=g)
-        taus[name][g] = round(gen.stats.tau, 4)
+            kw = dict(proposer=DraftModelProposer(baseline.model))
+        gen = generate(target.model, ids, max_new_tokens=max_new_tokens, k=g, sampling=TAU_MODES[mode], seed=seed, **kw)
+        taus[mode][name][str(g)] = round(gen.stats.tau, 4)
     return {
         "target": str(target_dir),
         "tandem": str(drafter_dir),
@@ -103,8 +106,9 @@ def quality_report(
         "block_size": tandem.cfg.block_size,
         "tap_layers": list(tandem.cfg.tap_layers),
         "teacher_forced": rows,
-        "tau": {name: {str(g): t for g, t in v.items()} for name, v in taus.items()},
+        "tau": taus,
         "max_new_tokens": max_new_tokens,
+        "seed": seed,
     }
 
 
@@ -119,14 +123,14 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for name, m in rows.items():
         lines.append(f"| {name} | {m['accuracy']:.4f} | {m['ce']:.4f} | {m['agreement']:.4f} | {m['tv']:.4f} |")
-    taus = report["tau"]
-    gammas = list(taus["tandem"])
-    lines += ["", "| gamma | " + " | ".join(gammas) + " |", "|---|" + "---|" * len(gammas)]
-    for name, label in (("baseline", "tau SPEED (baseline)"), ("tandem", "tau Tandem+SPEED")):
-        if name in taus:
-            lines.append(f"| {label} | " + " | ".join(f"{taus[name][g]:.3f}" for g in gammas) + " |")
-    if "baseline" in taus:
-        lines.append("| ratio | " + " | ".join(f"{taus['tandem'][g] / taus['baseline'][g]:.3f}" for g in gammas) + " |")
+    for mode, taus in report["tau"].items():
+        gammas = list(taus["tandem"])
+        lines += ["", f"| tau ({mode}) | " + " | ".join(f"gamma={g}" for g in gammas) + " |", "|---|" + "---|" * len(gammas)]
+        for name, label in (("baseline", "SPEED (baseline)"), ("tandem", "Tandem+SPEED")):
+            if name in taus:
+                lines.append(f"| {label} | " + " | ".join(f"{taus[name][g]:.3f}" for g in gammas) + " |")
+        if "baseline" in taus:
+            lines.append("| Tandem / SPEED | " + " | ".join(f"{taus['tandem'][g] / taus['baseline'][g]:.3f}" for g in gammas) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -136,24 +140,31 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, label in (("baseline", "SPEED (standalone drafter)"), ("tandem", "Tandem+SPEED")):
-        if name in report["tau"]:
-            g = [int(x) for x in report["tau"][name]]
-            ax1.plot(g, list(report["tau"][name].values()), marker="o", label=label)
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 4), gridspec_kw={"width_ratios": [3, 3, 1.4]})
+    for mode, style in (("greedy", "-"), ("sampled", "--")):
+        for i, (name, label) in enumerate((("baseline", "SPEED"), ("tandem", "Tandem+SPEED"))):
+            taus = report["tau"][mode]
+            if name in taus:
+                g = [int(x) for x in taus[name]]
+                ax1.plot(g, list(taus[name].values()), style, marker="o", color=f"C{i}", label=f"{label}, {mode}")
     ax1.set_xlabel("gamma (draft tokens per step)")
     ax1.set_ylabel("tau (tokens per target pass)")
     ax1.set_title("Acceptance length")
     ax1.grid(alpha=0.3)
     ax1.legend()
     rows = {k: v for k, v in report["teacher_forced"].items() if k != "target"}
-    x = range(len(METRICS))
+    unit = ("accuracy", "agreement", "tv")  # metrics in [0, 1]; CE gets its own axis
     width = 0.8 / max(len(rows), 1)
     for i, (name, m) in enumerate(rows.items()):
-        ax2.bar([xi + i * width for xi in x], [m[k] for k in METRICS], width, label=name)
-    ax2.set_xticks([xi + width * (len(rows) - 1) / 2 for xi in x], METRICS)
+        ax2.bar([x + i * width for x in range(len(unit))], [m[k] for k in unit], width, label=name)
+        ax3.bar([i], [m["ce"]], 0.6, label=name, color=f"C{i}")
+    ax2.set_xticks([x + width * (len(rows) - 1) / 2 for x in range(len(unit))], ["next-token acc", "agreement", "TV to target"])
     ax2.set_title("Held-out, teacher-forced")
     ax2.legend()
+    ax3.set_xticks(range(len(rows)), list(rows))
+    ax3.set_title("cross-entropy (nats)")
+    ax3.axhline(report["teacher_forced"]["target"]["ce"], color="k", ls="--", lw=1, label="target")
+    ax3.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

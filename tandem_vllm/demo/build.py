@@ -58,23 +58,23 @@ RECIPES = {
     "ci": DemoRecipe(
         size="ci", corpus_bytes=3_000_000, vocab_size=2048, seq_len=128, batch_size=8,
         target=ModelDims(layers=4, hidden=256, heads=4, kv_heads=4), target_steps=900, target_lr=3e-3,
-        drafter=ModelDims(layers=1, hidden=128, heads=4, kv_heads=4), drafter_steps=600, drafter_lr=3e-3,
-        taps="top", block_size=2,
+        drafter=ModelDims(layers=2, hidden=64, heads=4, kv_heads=4), drafter_steps=600, drafter_lr=3e-3,
+        taps="span", block_size=2,
     ),
     # Benchmarks: a target big enough that speculation can pay on CPU (DESIGN.md section 4);
     # about 75 minutes on 2 CPU cores, minutes on one GPU.
     "bench": DemoRecipe(
         size="bench", corpus_bytes=12_000_000, vocab_size=4096, seq_len=256, batch_size=8,
         target=ModelDims(layers=8, hidden=512, heads=8, kv_heads=8), target_steps=1500, target_lr=2e-3,
-        drafter=ModelDims(layers=1, hidden=128, heads=4, kv_heads=4), drafter_steps=1000, drafter_lr=3e-3,
-        taps="top", block_size=2,
+        drafter=ModelDims(layers=2, hidden=128, heads=4, kv_heads=4), drafter_steps=1000, drafter_lr=3e-3,
+        taps="span", block_size=2,
     ),
     # Seconds: exercises every step of the pipeline in tests.
     "tiny": DemoRecipe(
         size="tiny", corpus_bytes=150_000, vocab_size=320, seq_len=32, batch_size=4,
         target=ModelDims(layers=2, hidden=48, heads=4, kv_heads=2), target_steps=4, target_lr=2e-3,
         drafter=ModelDims(layers=1, hidden=32, heads=4, kv_heads=2), drafter_steps=4, drafter_lr=3e-3,
-        taps="top", block_size=2, n_prompts=8, prompt_chars=200,
+        taps="span", block_size=2, n_prompts=8, prompt_chars=200,
     ),
 }
 

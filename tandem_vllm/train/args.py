@@ -47,7 +47,7 @@ class TrainArgs:
     tokenizer: Path | None = None  # for kind="lm" only: the tokenizer directory
     eval_data: tuple[Path, ...] = ()  # default: the last 5% of packed sequences
     dims: ModelDims = field(default_factory=ModelDims)
-    taps: str = "uniform"  # 'uniform', 'top' or a comma list of target tap indices
+    taps: str = "span"  # 'span', 'uniform', 'top' or a comma list of target tap indices
     block_size: int = 2  # gamma_train (the paper's best: 2)
     seq_len: int = 256
     batch_size: int = 8

@@ -33,11 +33,13 @@ def test_demo_build_json_names_the_built_paths(pair):
     assert paths["tandem"] == pair[0]["tandem"]
 
 
-def test_target_is_clearly_better_than_both_drafters(pair):
+def test_target_is_clearly_better_than_the_standalone_drafter_and_tandem_closes_the_gap(pair):
+    """The target beats a same-size drafter that cannot see its states; the Tandem drafter, which
+    reads them, predicts better than that drafter (the paper's Table 1 claim, on held-out data)."""
     ev = pair[0]["eval"]
-    for drafter in ("baseline", "tandem"):
-        assert ev["target"]["ce"] < ev[drafter]["ce"] - 0.1, ev
-        assert ev["target"]["accuracy"] > ev[drafter]["accuracy"], ev
+    assert ev["target"]["ce"] < ev["baseline"]["ce"] - 0.1, ev
+    assert ev["target"]["accuracy"] > ev["baseline"]["accuracy"], ev
+    assert ev["tandem"]["ce"] < ev["baseline"]["ce"] and ev["tandem"]["agreement"] > ev["baseline"]["agreement"], ev
 
 
 def test_at_least_50_heldout_prompts_longer_than_a_kv_block(pair):
@@ -67,6 +69,7 @@ def test_quality_report_files(pair, tmp_path):
     write_report(rep, tmp_path / "r.json", tmp_path / "r.md", tmp_path / "r.png")
     saved = json.loads((tmp_path / "r.json").read_text())
     assert set(saved["teacher_forced"]) == {"target", "baseline", "tandem"}
-    assert set(saved["tau"]["tandem"]) == {"2", "5"}
-    assert "| tau Tandem+SPEED |" in (tmp_path / "r.md").read_text()
+    assert set(saved["tau"]) == {"greedy", "sampled"}
+    assert set(saved["tau"]["sampled"]["tandem"]) == {"2", "5"}
+    assert "| Tandem / SPEED |" in (tmp_path / "r.md").read_text()
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tandem_vllm.config import TandemConfig, parse_taps, top_taps, uniform_taps
+from tandem_vllm.config import TandemConfig, parse_taps, span_taps, top_taps, uniform_taps
 from tandem_vllm.errors import TandemError
 
 from ..conftest import tandem_config_for, tiny_llama
@@ -62,8 +62,9 @@ def test_missing_and_corrupt_directories(tmp_path):
 def test_tap_maps():
     assert uniform_taps(3, 12) == (0, 4, 8)
     assert top_taps(2, 12) == (11, 12)
+    assert span_taps(3, 12) == (0, 6, 12) and span_taps(1, 12) == (12,)
     assert parse_taps("2,5", 2, 12) == (2, 5)
     with pytest.raises(TandemError, match="names 1 layers"):
         parse_taps("3", 2, 12)
-    with pytest.raises(TandemError, match="expected 'uniform'"):
+    with pytest.raises(TandemError, match="expected span, uniform, top"):
         parse_taps("deep", 2, 12)

@@ -177,19 +177,15 @@ def test_chi_square_check_catches_blind_acceptance(tiny_vocab_pair, monkeypatch)
 
 
 # ---- tau oracle: replay the accept/reject walk from teacher-forced predictions ----------------
-def _tandem_walk(target, drafter, prompt, out, k, max_new):
-    """Greedy Tandem+SPEED statistics recomputed without any cache: at each step the block starts
-    at the position of the last emitted token; drafts are the teacher-forced argmaxes under that
-    block start, accepted while they match the emitted sequence."""
-    seq = torch.tensor([prompt + out])
-    t = seq.shape[1]
-    taps = hidden_taps(target(seq, output_hidden_states=True).hidden_states, drafter.cfg.tap_layers)
-    p, emitted, passes, accepted = len(prompt), 1, 1, 0
+def _walk(predict, seq, start, k, max_new):
+    """Greedy speculative-decoding statistics recomputed without any cache. ``seq`` (1, T) is the
+    target's greedy output run k tokens past max_new (so the last step's drafts can be checked);
+    ``predict(p)`` gives the drafter's teacher-forced argmaxes (T,) when the block starts at p."""
+    p, emitted, passes, accepted = start, 1, 1, 0
     while emitted < max_new:
-        starts = torch.where(torch.arange(t) >= p, p, torch.arange(t))[None]
-        pred = drafter.forward_train(seq, taps, block_starts=starts).argmax(-1)[0]
+        pred = predict(p)
         n = 0
-        while n < k and p + n + 1 < t and pred[p + n] == seq[0, p + n + 1]:
+        while n < k and pred[p + n] == seq[0, p + n + 1]:
             n += 1
         passes, accepted = passes + 1, accepted + n
         emitted = min(max_new, emitted + n + 1)
@@ -197,13 +193,48 @@ def _tandem_walk(target, drafter, prompt, out, k, max_new):
     return passes, accepted
 
 
+def _oracle(target, prompts, k, max_new, kind, drafter):
+    totals = [0, 0]
+    for prompt, out in zip(prompts, generate(target, prompts, max_new_tokens=max_new + k).tokens):
+        seq = torch.tensor([prompt + out])
+        t = seq.shape[1]
+        if kind == "tandem":
+            taps = hidden_taps(target(seq, output_hidden_states=True).hidden_states, drafter.cfg.tap_layers)
+
+            def predict(p):
+                starts = torch.where(torch.arange(t) >= p, p, torch.arange(t))[None]
+                return drafter.forward_train(seq, taps, block_starts=starts).argmax(-1)[0]
+        else:
+            pred = drafter(seq).logits.argmax(-1)[0]
+
+            def predict(p):
+                return pred
+        passes, accepted = _walk(predict, seq, len(prompt), k, max_new)
+        totals[0] += passes
+        totals[1] += accepted
+    return totals
+
+
+@pytest.mark.parametrize("kind", ["speed", "tandem"])
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_tandem_acceptance_matches_the_teacher_forced_walk(k):
+def test_acceptance_counts_match_the_teacher_forced_walk(kind, k):
     target = tiny_llama(vocab=5, layers=2, hidden=32, seed=21)
-    drafter = tiny_tandem(target, layers=2, seed=22)
+    if kind == "tandem":
+        drafter = tiny_tandem(target, layers=2, seed=22)
+        kw = dict(proposer=TandemProposer(drafter), k=k, taps=drafter.cfg.tap_layers)
+    else:
+        drafter = tiny_llama(vocab=5, layers=1, hidden=32, seed=22)
+        kw = dict(proposer=DraftModelProposer(drafter), k=k)
     prompts = [[1, 2, 3, 4, 0, 1, 2], [3, 3], [4, 0, 2, 1]]
-    got = generate(target, prompts, max_new_tokens=24, proposer=TandemProposer(drafter), k=k, taps=drafter.cfg.tap_layers)
-    walks = [_tandem_walk(target, drafter, p, o, k, 24) for p, o in zip(prompts, got.tokens)]
-    assert got.stats.target_passes == sum(w[0] for w in walks)
-    assert got.stats.accepted == sum(w[1] for w in walks)
-    assert got.stats.accepted > 0  # the walk compared something
+    got = generate(target, prompts, max_new_tokens=24, **kw)
+    passes, accepted = _oracle(target, prompts, k, 24, kind, drafter)
+    assert (got.stats.target_passes, got.stats.accepted) == (passes, accepted)
+    assert accepted > 0  # the walk compared something
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_greedy_tandem_with_a_qwen2_target_is_identical_to_target_alone(qwen_target, k):
+    drafter = tiny_tandem(qwen_target, layers=2, taps=(0, 3))
+    want = generate(qwen_target, PROMPTS, max_new_tokens=16).tokens
+    got = generate(qwen_target, PROMPTS, max_new_tokens=16, proposer=TandemProposer(drafter), k=k, taps=(0, 3))
+    assert got.tokens == want

@@ -66,7 +66,7 @@ def test_tandem_checkpoint_round_trip_and_target_check(workdir):
     res = train(_args(workdir, "tandem", "tandem"))
     assert {"ce", "accuracy", "agreement", "tv"} <= res.metrics.keys()
     cfg = TandemConfig.load(workdir / "tandem")
-    assert cfg.tap_layers == (0,) and cfg.block_size == 2 and cfg.target.num_hidden_layers == 2
+    assert cfg.tap_layers == (2,) and cfg.block_size == 2  # span: one layer reads the final state and cfg.target.num_hidden_layers == 2
     raw = json.loads((workdir / "tandem" / "config.json").read_text())
     assert raw["architectures"] == ["TandemDrafterForCausalLM"] and raw["tandem_format_version"] == 1
     target = load_causal_lm(workdir / "target")
@@ -141,3 +141,33 @@ def test_bad_train_args_are_refused(workdir):
         ModelDims(hidden=30, heads=4)
     with pytest.raises(TandemError, match="does not exist"):
         train(_args(workdir, "tandem", "y", target=workdir / "nope"))
+
+
+def test_gradient_accumulation_equals_the_larger_batch(workdir):
+    train(_args(workdir, "baseline", "acc1", batch_size=4, grad_accum=1, steps=3))
+    train(_args(workdir, "baseline", "acc2", batch_size=2, grad_accum=2, steps=3))
+    a = load_file(str(workdir / "acc1" / "model.safetensors"))
+    b = load_file(str(workdir / "acc2" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_tandem_trains_against_a_qwen2_target_and_decodes_losslessly(workdir):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tandem_vllm.decoding.speculate import TandemProposer, generate
+
+    tok = load_causal_lm(workdir / "target").tokenizer
+    qdir = workdir / "qwen-target"
+    torch.manual_seed(1)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(qdir)
+    tok.save_pretrained(qdir)
+    train(_args(workdir, "tandem", "qwen-tandem", target=qdir, dims=ModelDims(layers=2, hidden=32), steps=3))
+    target = load_causal_lm(qdir)
+    drafter = load_tandem_for(target, workdir / "qwen-tandem")
+    assert drafter.cfg.tap_layers == (0, 3) and drafter.cfg.target.architectures == ("Qwen2ForCausalLM",)
+    prompts = [tok("def main():\n", add_special_tokens=False)["input_ids"], tok("import os", add_special_tokens=False)["input_ids"]]
+    want = generate(target.model, prompts, max_new_tokens=12).tokens
+    got = generate(target.model, prompts, max_new_tokens=12, proposer=TandemProposer(drafter), k=3, taps=drafter.cfg.tap_layers)
+    assert got.tokens == want
