@@ -62,11 +62,11 @@ RECIPES = {
         taps="span", block_size=2,
     ),
     # Benchmarks: a target big enough that speculation can pay on CPU (DESIGN.md section 4);
-    # about 75 minutes on 2 CPU cores, minutes on one GPU.
+    # about 80 minutes on 2 CPU cores (resumable), minutes on one GPU.
     "bench": DemoRecipe(
         size="bench", corpus_bytes=12_000_000, vocab_size=4096, seq_len=256, batch_size=8,
-        target=ModelDims(layers=8, hidden=512, heads=8, kv_heads=8), target_steps=1500, target_lr=2e-3,
-        drafter=ModelDims(layers=2, hidden=128, heads=4, kv_heads=4), drafter_steps=1000, drafter_lr=3e-3,
+        target=ModelDims(layers=8, hidden=512, heads=8, kv_heads=8), target_steps=1000, target_lr=2e-3,
+        drafter=ModelDims(layers=2, hidden=128, heads=4, kv_heads=4), drafter_steps=600, drafter_lr=3e-3,
         taps="span", block_size=2,
     ),
     # Seconds: exercises every step of the pipeline in tests.
