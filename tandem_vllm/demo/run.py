@@ -22,7 +22,9 @@ def run_generation(
     sampling: Sampling = Sampling(),
     mode: Literal["speed", "standalone"] = "speed",
     seed: int = 0,
+    prompt_lines: int | None = None,
 ) -> None:
+    """Decode and print each prompt (its last ``prompt_lines`` lines if given) with its continuation."""
     if drafter is not None and k < 1:
         raise TandemError(f"--k={k}; gamma must be at least 1")
     lm = load_causal_lm(target)
@@ -40,10 +42,15 @@ def run_generation(
     dt = time.perf_counter() - t0
     for prompt, out in zip(prompts, gen.tokens):
         print("=" * 72)
-        print(prompt, end="")
+        lines = prompt.splitlines(keepends=True)
+        if prompt_lines is not None and len(lines) > prompt_lines:
+            print(f"[... {len(lines) - prompt_lines} prompt lines ...]")
+            lines = lines[-prompt_lines:]
+        print("".join(lines), end="")
         print(f"\033[1m{tok.decode(out)}\033[0m" if _tty() else tok.decode(out))
     s = gen.stats
     label = "target alone" if drafter is None else ("standalone Tandem" if mode == "standalone" else "Tandem+SPEED")
+    label += ", greedy" if sampling.temperature == 0 else f", T={sampling.temperature} top-p={sampling.top_p}"
     print("=" * 72)
     print(f"{label}, gamma={k if drafter else 0}: {s.emitted} tokens in {s.target_passes} target passes, "
           f"tau={s.tau:.2f}, draft acceptance {s.acceptance_rate:.1%}, per position {s.accepted_per_pos}, {dt:.2f} s")
@@ -56,10 +63,14 @@ def _tty() -> bool:
 
 
 def demo(*, size: str, k: int, max_new_tokens: int) -> None:
-    """Build (or reuse) the demo pair, then decode three held-out prompts with Tandem+SPEED."""
+    """Build (or reuse) the demo pair, then decode three held-out prompts with Tandem+SPEED.
+
+    Sampling (T=0.8, top-p 0.95) rather than greedy: a target this small loops under greedy
+    decoding. Speculative sampling keeps the output distribution exactly the target's."""
     from tandem_vllm.demo.build import build
     from tandem_vllm.quality import read_prompts
 
     m = build(size)
     prompts = read_prompts(m["heldout_prompts"])[:3]
-    run_generation(target=m["target"], drafter=m["tandem"], prompts=prompts, k=k, max_new_tokens=max_new_tokens)
+    run_generation(target=m["target"], drafter=m["tandem"], prompts=prompts, k=k, max_new_tokens=max_new_tokens,
+                   sampling=Sampling(temperature=0.8, top_p=0.95), prompt_lines=6)
