@@ -308,5 +308,9 @@ class TandemDrafter(nn.Module):
                 f"{path} does not match its config.json: missing {sorted(missing)[:4]}, "
                 f"unexpected {sorted(unexpected)[:4]}; re-export the drafter"
             )
-        model.load_state_dict(state, strict=False)
+        try:
+            model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shapes disagree with config.json
+            first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e)[:200])
+            raise TandemError(f"{path} does not match its config.json ({first}); re-export the drafter") from None
         return model.to(device)

@@ -41,9 +41,11 @@ def load_causal_lm(path: str | Path, *, device: str = "cpu", dtype: torch.dtype 
         raise TandemError(f"cannot load the model config or tokenizer in {path}: {_one_line(e)}") from None
     if not getattr(config, "architectures", None) or not config.architectures[0].endswith("ForCausalLM"):
         raise TandemError(f"{path} holds {config.architectures}, not a causal LM (…ForCausalLM)")
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise TandemError(f"cannot load the weights in {path}: {_one_line(e)}") from None
     model.to(device).eval()
     return LoadedLM(model=model, tokenizer=tokenizer, identity=target_identity(str(path), config, tokenizer))

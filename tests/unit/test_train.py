@@ -171,3 +171,31 @@ def test_tandem_trains_against_a_qwen2_target_and_decodes_losslessly(workdir):
     want = generate(target.model, prompts, max_new_tokens=12).tokens
     got = generate(target.model, prompts, max_new_tokens=12, proposer=TandemProposer(drafter), k=3, taps=drafter.cfg.tap_layers)
     assert got.tokens == want
+
+
+def test_corrupt_or_mismatched_weights_are_refused(workdir, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    if not (workdir / "tandem" / "model.safetensors").exists():
+        train(_args(workdir, "tandem", "tandem"))
+    target = load_causal_lm(workdir / "target")
+    bad = tmp_path / "tandem"
+    shutil.copytree(workdir / "tandem", bad)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(TandemError, match="not a readable safetensors file"):
+        load_tandem_for(target, bad)
+    state = load_file(str(workdir / "tandem" / "model.safetensors"))
+    state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"][:, :16].contiguous()
+    save_file(state, str(bad / "model.safetensors"))
+    with pytest.raises(TandemError, match="does not match its config.json"):
+        load_tandem_for(target, bad)
+    (bad / "model.safetensors").unlink()
+    with pytest.raises(TandemError, match="has no model.safetensors"):
+        load_tandem_for(target, bad)
+    broken_target = tmp_path / "target"
+    shutil.copytree(workdir / "target", broken_target)
+    (broken_target / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(TandemError, match="cannot load the weights"):
+        load_causal_lm(broken_target)
