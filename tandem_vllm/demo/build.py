@@ -58,7 +58,7 @@ RECIPES = {
     "ci": DemoRecipe(
         size="ci", corpus_bytes=3_000_000, vocab_size=2048, seq_len=128, batch_size=8,
         target=ModelDims(layers=4, hidden=256, heads=4, kv_heads=4), target_steps=900, target_lr=3e-3,
-        drafter=ModelDims(layers=2, hidden=64, heads=4, kv_heads=4), drafter_steps=600, drafter_lr=3e-3,
+        drafter=ModelDims(layers=2, hidden=64, heads=2, kv_heads=2), drafter_steps=600, drafter_lr=3e-3,
         taps="span", block_size=2,
     ),
     # Benchmarks: a target big enough that speculation can pay on CPU (DESIGN.md section 4);

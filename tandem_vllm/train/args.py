@@ -9,6 +9,7 @@ from typing import Any, Literal
 from tandem_vllm.errors import TandemError
 
 Kind = Literal["tandem", "baseline", "lm"]
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,15 @@ class ModelDims:
                 f"--hidden={self.hidden}, --heads={self.heads}, --kv-heads={self.kv_heads}: hidden must be a "
                 "multiple of heads and heads a multiple of kv-heads"
             )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def vllm_cpu_ok(self) -> bool:
+        """vLLM's CPU attention kernels take only these head sizes (GPU backends take more)."""
+        return self.head_dim in VLLM_CPU_HEAD_DIMS
 
     @property
     def ffn(self) -> int:

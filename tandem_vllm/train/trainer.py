@@ -24,7 +24,7 @@ from tandem_vllm.errors import TandemError
 from tandem_vllm.modeling.reference import TandemDrafter
 from tandem_vllm.progress import progress_bar
 from tandem_vllm.modeling.target import LoadedLM, hidden_taps, load_causal_lm, num_layers
-from tandem_vllm.train.args import TrainArgs
+from tandem_vllm.train.args import VLLM_CPU_HEAD_DIMS, TrainArgs
 from tandem_vllm.train.data import batch_indices, pack, read_texts
 from tandem_vllm.train.loss import ce_loss, distil_loss, tv_distance
 
@@ -154,6 +154,9 @@ def train(args: TrainArgs, *, stop_after: int | None = None) -> TrainResult:
     ``stop_after`` ends the run after that many optimizer steps without exporting, as if it had
     been killed right after a checkpoint; tests use it to check ``resume``.
     """
+    if not args.dims.vllm_cpu_ok and args.progress:
+        print(f"warning: head_dim {args.dims.head_dim} (--hidden/--heads) is not served by vLLM's CPU attention "
+              f"(it takes {', '.join(map(str, VLLM_CPU_HEAD_DIMS))}); GPU backends may still serve it", flush=True)
     docs = read_texts(args.data)  # bad data fails fast, before any model is loaded
     eval_docs = read_texts(args.eval_data) if args.eval_data else None
     device = resolve_device(args.device)

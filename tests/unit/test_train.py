@@ -199,3 +199,10 @@ def test_corrupt_or_mismatched_weights_are_refused(workdir, tmp_path):
     (broken_target / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(TandemError, match="cannot load the weights"):
         load_causal_lm(broken_target)
+
+
+def test_served_demo_recipes_use_head_sizes_vllm_cpu_supports():
+    from tandem_vllm.demo.build import RECIPES
+
+    for name in ("ci", "bench"):
+        assert RECIPES[name].target.vllm_cpu_ok and RECIPES[name].drafter.vllm_cpu_ok, name
