@@ -80,19 +80,14 @@ def build_student(args: TrainArgs, teacher: LoadedLM | None, tok: Any) -> torch.
     if args.kind != "tandem":
         return base
     assert teacher is not None
-    d = args.dims
+    # the baseline's Llama config is the one source of the drafter dims (and its norm eps / RoPE base)
+    llama = base.config.to_dict()
+    dims = {k: llama[k] for k in TandemConfig.model_fields if llama.get(k) is not None and k not in ("tap_layers", "block_size", "target")}
+    rope = (llama.get("rope_parameters") or {}).get("rope_theta", llama.get("rope_theta"))
     cfg = TandemConfig(
-        vocab_size=vocab,
-        hidden_size=d.hidden,
-        intermediate_size=d.ffn,
-        num_hidden_layers=d.layers,
-        num_attention_heads=d.heads,
-        num_key_value_heads=d.kv_heads,
-        max_position_embeddings=base.config.max_position_embeddings,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        tap_layers=parse_taps(args.taps, d.layers, num_layers(teacher.model)),
+        **dims,
+        **({"rope_theta": rope} if rope else {}),
+        tap_layers=parse_taps(args.taps, args.dims.layers, num_layers(teacher.model)),
         block_size=args.block_size,
         target=teacher.identity,
     )
