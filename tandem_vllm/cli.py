@@ -1,4 +1,4 @@
-"""``tandem-vllm``: train | eval | generate | demo build | demo run. Argument parsing only."""
+"""``tandem-vllm``: train | eval | generate | bench engine | demo build | demo run. Argument parsing only."""
 
 from __future__ import annotations
 
@@ -45,6 +45,37 @@ def _generate(a: argparse.Namespace) -> None:
                    sampling=sampling, mode=a.mode, seed=a.seed)
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers such as 1,4,16") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least 1")
+    return values
+
+
+def _bench_engine(a: argparse.Namespace) -> None:
+    from tandem_vllm.bench import engine
+    from tandem_vllm.quality import read_prompts
+
+    prompts = read_prompts(a.prompts)[: a.num_prompts]
+    engine_kwargs = dict(
+        dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=max(a.batch_sizes),
+        kv_cache_memory_bytes=a.kv_cache_mib * 2**20, enforce_eager=True, seed=0,
+    )
+    cells = engine.run(target=a.target, tandem=a.tandem, baseline=a.baseline, prompts=prompts, batch_sizes=a.batch_sizes,
+                       max_tokens=a.max_tokens, k=a.k, fallback_batch_size=a.fallback_batch_size, engine_kwargs=engine_kwargs)
+    meta = {"target": a.target, "tandem": a.tandem, "baseline": a.baseline, "prompts": len(prompts),
+            "max_tokens": a.max_tokens, "k": a.k, "engine": engine_kwargs}
+    engine.write_json(cells, Path(a.json), meta)
+    table = engine.markdown(cells)
+    Path(a.json).with_suffix(".md").write_text(table)
+    if a.plot:
+        engine.plot(cells, Path(a.plot), f"{len(prompts)} prompts x {a.max_tokens} tokens, greedy, k={a.k}")
+    print(table)
+
+
 def _demo_build(a: argparse.Namespace) -> None:
     from tandem_vllm.demo.build import build
 
@@ -69,7 +100,7 @@ def _print_build(m: dict[str, Any]) -> None:
 def _demo_run(a: argparse.Namespace) -> None:
     from tandem_vllm.demo.run import demo
 
-    demo(size=a.size, k=a.k, max_new_tokens=a.max_new_tokens)
+    demo(size=a.size, k=a.k, max_new_tokens=a.max_new_tokens, engine=a.engine)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -132,6 +163,25 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_generate)
 
+    b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
+    be = b.add_parser("engine", help="target alone vs SPEED vs Tandem+SPEED inside vLLM, one run")
+    be.add_argument("--target", required=True)
+    be.add_argument("--tandem", required=True, help="Tandem drafter directory")
+    be.add_argument("--baseline", help="standalone drafter directory (the SPEED row)")
+    be.add_argument("--prompts", required=True, help='JSONL, one {"prompt": ...} per line')
+    be.add_argument("--num-prompts", type=int, default=32)
+    be.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 16])
+    be.add_argument("--max-tokens", type=int, default=64)
+    be.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
+    be.add_argument("--fallback-batch-size", type=int, default=8,
+                    help="adaptive row: stop speculating at this many running requests (0: no adaptive row)")
+    be.add_argument("--dtype", default="float32")
+    be.add_argument("--max-model-len", type=int, default=1024)
+    be.add_argument("--kv-cache-mib", type=int, default=512)
+    be.add_argument("--json", required=True, help="report path; a .md table is written beside it")
+    be.add_argument("--plot", help="PNG path")
+    be.set_defaults(func=_bench_engine)
+
     d = sub.add_parser("demo", help="the embedded demo pair").add_subparsers(dest="demo_cmd", required=True)
     db = d.add_parser("build", help="build (or reuse) the demo target + drafters")
     db.add_argument("--size", choices=["ci", "bench", "tiny"], default="ci")
@@ -141,6 +191,8 @@ def parser() -> argparse.ArgumentParser:
     dr.add_argument("--size", choices=["ci", "bench", "tiny"], default="ci")
     dr.add_argument("--k", type=int, default=5)
     dr.add_argument("--max-new-tokens", type=int, default=64)
+    dr.add_argument("--engine", choices=["vllm", "reference"], default="vllm",
+                    help="vLLM with the Tandem plugin, or the pure-PyTorch reference decoders")
     dr.set_defaults(func=_demo_run)
     return p
 

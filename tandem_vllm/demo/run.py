@@ -62,7 +62,7 @@ def _tty() -> bool:
     return sys.stdout.isatty()
 
 
-def demo(*, size: str, k: int, max_new_tokens: int) -> None:
+def demo(*, size: str, k: int, max_new_tokens: int, engine: Literal["vllm", "reference"] = "vllm") -> None:
     """Build (or reuse) the demo pair, then decode three held-out prompts with Tandem+SPEED.
 
     Sampling (T=0.8, top-p 0.95) rather than greedy: a target this small loops under greedy
@@ -72,5 +72,47 @@ def demo(*, size: str, k: int, max_new_tokens: int) -> None:
 
     m = build(size)
     prompts = read_prompts(m["heldout_prompts"])[:3]
-    run_generation(target=m["target"], drafter=m["tandem"], prompts=prompts, k=k, max_new_tokens=max_new_tokens,
-                   sampling=Sampling(temperature=0.8, top_p=0.95), prompt_lines=6)
+    if engine == "reference":
+        run_generation(target=m["target"], drafter=m["tandem"], prompts=prompts, k=k, max_new_tokens=max_new_tokens,
+                       sampling=Sampling(temperature=0.8, top_p=0.95), prompt_lines=6)
+    else:
+        run_vllm(target=m["target"], drafter=m["tandem"], prompts=prompts, k=k, max_new_tokens=max_new_tokens)
+
+
+def run_vllm(*, target: str, drafter: str, prompts: list[str], k: int, max_new_tokens: int) -> None:
+    """The same demo through vLLM: Tandem is vLLM's speculative decoder; the numbers are vLLM's own counters."""
+    import vllm
+    from vllm.v1.metrics.reader import Counter, Vector, get_metrics_snapshot
+
+    llm = vllm.LLM(
+        model=target,
+        speculative_config={"model": drafter, "num_speculative_tokens": k},
+        dtype="float32",
+        max_model_len=1024,
+        kv_cache_memory_bytes=256 * 2**20,
+        enforce_eager=True,
+        disable_log_stats=False,
+        seed=0,
+    )
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, vllm.SamplingParams(temperature=0.8, top_p=0.95, max_tokens=max_new_tokens))
+    dt = time.perf_counter() - t0
+    stats = {m.name.removeprefix("vllm:spec_decode_"): m for m in get_metrics_snapshot() if "spec_decode" in m.name}
+    llm.llm_engine.engine_core.shutdown()
+    for prompt, out in zip(prompts, outs):
+        print("=" * 72)
+        lines = prompt.splitlines(keepends=True)
+        if len(lines) > 6:
+            print(f"[... {len(lines) - 6} prompt lines ...]")
+        print("".join(lines[-6:]), end="")
+        text = out.outputs[0].text
+        print(f"\033[1m{text}\033[0m" if _tty() else text)
+    print("=" * 72)
+    n = sum(len(o.outputs[0].token_ids) for o in outs)
+    drafts = stats["num_drafts"].value if isinstance(stats.get("num_drafts"), Counter) else 0
+    accepted = stats["num_accepted_tokens"].value if isinstance(stats.get("num_accepted_tokens"), Counter) else 0
+    drafted = stats["num_draft_tokens"].value if isinstance(stats.get("num_draft_tokens"), Counter) else 0
+    per_pos = stats["num_accepted_tokens_per_pos"].values if isinstance(stats.get("num_accepted_tokens_per_pos"), Vector) else []
+    tau = 1 + accepted / drafts if drafts else 1.0
+    print(f"vLLM + Tandem+SPEED, T=0.8 top-p=0.95, k={k}: {n} tokens in {dt:.2f} s; {drafts} verification steps, "
+          f"tau={tau:.2f} tokens per step, draft acceptance {accepted / max(drafted, 1):.1%}, per position {per_pos}")

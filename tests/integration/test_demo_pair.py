@@ -73,3 +73,14 @@ def test_quality_report_files(pair, tmp_path):
     assert set(saved["tau"]["sampled"]["tandem"]) == {"2", "5"}
     assert "| Tandem / SPEED |" in (tmp_path / "r.md").read_text()
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_run_decodes_through_vllm_with_tandem(pair):
+    """What `make demo` runs: vLLM with the plugin, its spec-decode counters reporting Tandem's drafts."""
+    pytest.importorskip("vllm")
+    r = subprocess.run([sys.executable, "-m", "tandem_vllm.cli", "demo", "run", "--k", "3", "--max-new-tokens", "16"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = r.stdout.strip().splitlines()[-1]
+    assert summary.startswith("vLLM + Tandem+SPEED") and "tau=" in summary, summary
+    assert float(summary.split("tau=")[1].split()[0]) > 1.0, summary

@@ -1,0 +1,246 @@
+"""``tandem-vllm bench engine``: target alone vs SPEED vs Tandem+SPEED in vLLM, one run, same prompts.
+
+Every row is a fresh vLLM async engine on the same target; every batch size streams the same prompts
+greedily with ``batch_size`` requests in flight (a closed loop). Per request we record when each
+streamed chunk arrives:
+  * TTFT = first chunk - submission;
+  * inter-token latency = gap between chunks / tokens in the later chunk (speculation emits several
+    tokens per step, so each gets its share of the step);
+  * tokens/s = generated tokens / wall time of the whole batch-size run.
+tau (tokens per target pass) and the acceptance rate come from vLLM's own spec-decode counters, so
+they count exactly what the engine did. Greedy rows must reproduce target-alone output token for
+token; the report says whether they did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tandem_vllm.errors import TandemError
+from tandem_vllm.progress import progress_bar
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    speculative_config: dict[str, Any] | None
+
+
+@dataclass
+class Cell:
+    """One row at one batch size."""
+
+    row: str
+    batch_size: int
+    requests: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    ttft_ms_mean: float
+    itl_ms_p50: float
+    itl_ms_p95: float
+    tau: float
+    acceptance_rate: float | None
+    drafts: int  # speculation steps the engine counted (vLLM's num_drafts)
+    speedup: float = 1.0
+    speedup_over_tau: float = 1.0
+    lossless: bool | None = None
+    outputs: list[list[int]] = field(default_factory=list, repr=False)
+
+
+def rows_for(*, tandem: str, baseline: str | None, k: int, fallback_batch_size: int | None) -> list[Row]:
+    rows = [Row("target alone", None)]
+    if baseline:
+        rows.append(Row(f"SPEED (standalone drafter, k={k})", {"model": baseline, "num_speculative_tokens": k}))
+    rows.append(Row(f"Tandem+SPEED (k={k})", {"model": tandem, "num_speculative_tokens": k}))
+    if fallback_batch_size:
+        # vLLM's dynamic-K schedule: draft k tokens below the threshold, none at or above it.
+        schedule = [(1, fallback_batch_size - 1, k), (fallback_batch_size, 1 << 20, 0)]
+        rows.append(
+            Row(
+                f"Tandem+SPEED adaptive (k={k}, off at batch >= {fallback_batch_size})",
+                {"model": tandem, "num_speculative_tokens": k, "num_speculative_tokens_per_batch_size": schedule},
+            )
+        )
+    return rows
+
+
+def _spec_counters() -> dict[str, float]:
+    from vllm.v1.metrics.reader import Counter, get_metrics_snapshot
+
+    return {
+        m.name.removeprefix("vllm:spec_decode_"): float(m.value)
+        for m in get_metrics_snapshot()
+        if m.name.startswith("vllm:spec_decode_") and isinstance(m, Counter)
+    }
+
+
+async def _one(engine: Any, prompt: str, params: Any) -> tuple[list[int], float, list[float]]:
+    """Stream one request: (tokens, TTFT seconds, per-token inter-token latencies in seconds)."""
+    start = time.perf_counter()
+    last, seen, ttft, itl, tokens = start, 0, 0.0, [], []
+    async for out in engine.generate(prompt, params, request_id=uuid.uuid4().hex):
+        now = time.perf_counter()
+        tokens = list(out.outputs[0].token_ids)
+        new = len(tokens) - seen
+        if new > 0:
+            if seen == 0:
+                ttft = now - start
+                new -= 1  # the first token's latency is the TTFT
+            itl += [(now - last) / max(new, 1)] * new
+            last, seen = now, len(tokens)
+    return tokens, ttft, itl
+
+
+async def _run_batch(engine: Any, prompts: list[str], params: Any, batch_size: int) -> tuple[list[Any], float]:
+    gate = asyncio.Semaphore(batch_size)
+
+    async def gated(p: str) -> Any:
+        async with gate:
+            return await _one(engine, p, params)
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(gated(p) for p in prompts))
+    return results, time.perf_counter() - start
+
+
+async def _bench_row(
+    row: Row, *, target: str, prompts: list[str], batch_sizes: list[int], max_tokens: int, engine_kwargs: dict[str, Any]
+) -> list[Cell]:
+    from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams
+
+    args = AsyncEngineArgs(
+        model=target, speculative_config=row.speculative_config, disable_log_stats=False, **engine_kwargs
+    )
+    engine = AsyncLLMEngine.from_engine_args(args)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    cells = []
+    try:
+        await _run_batch(engine, prompts[:2], params, 2)  # warm-up: first-call allocations, caches
+        for b in batch_sizes:
+            before = _spec_counters()
+            results, seconds = await _run_batch(engine, prompts, params, b)
+            after = _spec_counters()
+            d = {k: after[k] - before.get(k, 0.0) for k in after}
+            outputs = [r[0] for r in results]
+            itl = np.concatenate([np.asarray(r[2]) for r in results]) * 1e3
+            n_tokens = sum(len(o) for o in outputs)
+            drafts = d.get("num_drafts", 0.0)
+            cells.append(
+                Cell(
+                    row=row.name,
+                    batch_size=b,
+                    requests=len(prompts),
+                    tokens=n_tokens,
+                    seconds=round(seconds, 3),
+                    tokens_per_s=round(n_tokens / seconds, 2),
+                    ttft_ms_mean=round(float(np.mean([r[1] for r in results])) * 1e3, 1),
+                    itl_ms_p50=round(float(np.percentile(itl, 50)), 2) if itl.size else 0.0,
+                    itl_ms_p95=round(float(np.percentile(itl, 95)), 2) if itl.size else 0.0,
+                    tau=round(1 + d.get("num_accepted_tokens", 0.0) / drafts, 3) if drafts else 1.0,
+                    acceptance_rate=round(d["num_accepted_tokens"] / d["num_draft_tokens"], 4)
+                    if d.get("num_draft_tokens")
+                    else None,
+                    drafts=int(drafts),
+                    outputs=outputs,
+                )
+            )
+    finally:
+        engine.shutdown()
+    return cells
+
+
+def run(
+    *,
+    target: str,
+    tandem: str,
+    baseline: str | None,
+    prompts: list[str],
+    batch_sizes: list[int],
+    max_tokens: int,
+    k: int,
+    fallback_batch_size: int | None,
+    engine_kwargs: dict[str, Any],
+) -> list[Cell]:
+    if not prompts:
+        raise TandemError("the prompts file is empty; pass a JSONL file with one {\"prompt\": ...} per line")
+    rows = rows_for(tandem=tandem, baseline=baseline, k=k, fallback_batch_size=fallback_batch_size)
+    cells: list[Cell] = []
+    bar = progress_bar(total=len(rows), desc="engine rows", unit="row")
+    for row in rows:
+        cells += asyncio.run(
+            _bench_row(
+                row,
+                target=target,
+                prompts=prompts,
+                batch_sizes=batch_sizes,
+                max_tokens=max_tokens,
+                engine_kwargs=engine_kwargs,
+            )
+        )
+        gc.collect()  # drop the shut-down engine now, not during interpreter exit
+        bar.update(1)
+    bar.close()
+    base = {c.batch_size: c for c in cells if c.row == rows[0].name}
+    for c in cells:
+        ref = base[c.batch_size]
+        c.speedup = round(c.tokens_per_s / ref.tokens_per_s, 3)
+        c.speedup_over_tau = round(c.speedup / c.tau, 3)
+        c.lossless = c.outputs == ref.outputs
+    return cells
+
+
+def markdown(cells: list[Cell]) -> str:
+    head = (
+        "| engine | batch | tokens/s | TTFT ms | ITL p50 ms | ITL p95 ms | τ | acceptance | speedup | "
+        "speedup/τ | = target |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = [
+        f"| {c.row} | {c.batch_size} | {c.tokens_per_s:.1f} | {c.ttft_ms_mean:.0f} | {c.itl_ms_p50:.1f} | "
+        f"{c.itl_ms_p95:.1f} | {c.tau:.2f} | {'—' if c.acceptance_rate is None else f'{c.acceptance_rate:.3f}'} | "
+        f"**{c.speedup:.2f}×** | {c.speedup_over_tau:.2f} | {'yes' if c.lossless else 'NO'} |"
+        for c in cells
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
+def write_json(cells: list[Cell], path: Path, meta: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{k: v for k, v in asdict(c).items() if k != "outputs"} for c in cells]
+    path.write_text(json.dumps({**meta, "cells": rows}, indent=2) + "\n")
+
+
+def plot(cells: list[Cell], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(dict.fromkeys(c.row for c in cells))
+    sizes = sorted({c.batch_size for c in cells})
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        mine = {c.batch_size: c for c in cells if c.row == r}
+        xs = np.arange(len(sizes)) + i * width
+        a.bar(xs, [mine[s].tokens_per_s for s in sizes], width, label=r)
+        b.bar(xs, [mine[s].speedup for s in sizes], width, label=r)
+    for ax, ylabel in ((a, "tokens/s"), (b, "speed-up vs target alone")):
+        ax.set_xticks(np.arange(len(sizes)) + 0.4 - width / 2, [f"batch {s}" for s in sizes])
+        ax.set_ylabel(ylabel)
+    b.axhline(1.0, color="k", lw=0.8)
+    a.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,43 @@
+"""`tandem-vllm bench engine` end to end on the ci pair: every row runs, reproduces the target's greedy
+output, and reports the columns the README table is built from."""
+
+import json
+
+import pytest
+
+from tandem_vllm.cli import main
+from tandem_vllm.demo.build import build
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("vllm")
+
+
+def test_bench_engine_reports_every_row_lossless(tmp_path, capsys):
+    demo = build("ci", progress=False)
+    out = tmp_path / "engine.json"
+    main([
+        "bench", "engine", "--target", demo["target"], "--tandem", demo["tandem"], "--baseline", demo["baseline"],
+        "--prompts", demo["heldout_prompts"], "--num-prompts", "3", "--batch-sizes", "1,2", "--max-tokens", "12",
+        "--fallback-batch-size", "2", "--kv-cache-mib", "128", "--json", str(out), "--plot", str(tmp_path / "e.png"),
+    ])
+    report = json.loads(out.read_text())
+    cells = report["cells"]
+    rows = list(dict.fromkeys(c["row"] for c in cells))
+    assert len(rows) == 4 and len(cells) == 8
+    assert all(c["lossless"] for c in cells)
+    assert all(c["tokens"] == 3 * 12 for c in cells)
+    by = {(c["row"], c["batch_size"]): c for c in cells}
+    assert by[(rows[0], 1)]["tau"] == 1.0 and by[(rows[0], 1)]["speedup"] == 1.0
+    assert all(by[(r, 1)]["acceptance_rate"] is not None for r in rows[1:])
+    # the adaptive row stops drafting whenever the fallback batch size is running
+    assert by[(rows[3], 2)]["drafts"] < by[(rows[2], 2)]["drafts"]
+    assert by[(rows[3], 1)]["drafts"] == by[(rows[2], 1)]["drafts"]
+    assert (tmp_path / "e.png").stat().st_size > 0
+    assert "| engine | batch |" in capsys.readouterr().out
+
+
+def test_bench_engine_rejects_a_bad_batch_size_list(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "engine", "--target", "t", "--tandem", "d", "--prompts", "p", "--json", "o",
+              "--batch-sizes", "1,x"])
+    assert "comma-separated integers" in capsys.readouterr().err
