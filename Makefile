@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test demo clean
+.PHONY: install protos test demo clean
 
 install: $(VENV)/.installed
 
@@ -10,11 +10,15 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV)
 	touch $@
 
-test: install
+# gRPC stubs from protos/ into tandem_vllm/serve/pb/ (also regenerated on import when stale)
+protos: install
+	$(PY) -m tandem_vllm.serve.protos
+
+test: install protos
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-demo: install
-	$(VENV)/bin/tandem-vllm demo run
+demo: install protos
+	$(VENV)/bin/tandem-vllm serve
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -5,7 +5,7 @@ set -euo pipefail
 venv=${1:-.venv}
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -e '.[cpu,train,dev]'
+"$venv/bin/python" -m pip install -q -e '.[cpu,train,serve,dev]'
 # PyPI's torchvision/torchaudio/torchcodec are built against another torch and break
 # `import transformers` ("operator torchvision::nms does not exist"); nothing here needs them.
 "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -1,4 +1,4 @@
-"""``tandem-vllm``: train | eval | generate | bench engine | demo build | demo run. Argument parsing only."""
+"""``tandem-vllm``: train | eval | generate | bench engine | serve | demo build | demo run. Argument parsing only."""
 
 from __future__ import annotations
 
@@ -103,6 +103,22 @@ def _demo_run(a: argparse.Namespace) -> None:
     demo(size=a.size, k=a.k, max_new_tokens=a.max_new_tokens, engine=a.engine)
 
 
+def _serve(a: argparse.Namespace) -> None:
+    from tandem_vllm.serve.config import ServeConfig
+    from tandem_vllm.serve.launch import serve_forever
+
+    passed = set(ServeConfig.model_fields) - {"speculative_config", "vllm_args"}
+    fields: dict[str, Any] = {k: getattr(a, k) for k in passed if getattr(a, k, None) is not None}
+    if a.speculative_config is not None:
+        try:
+            fields["speculative_config"] = json.loads(a.speculative_config)
+        except ValueError:
+            raise TandemError(f"--speculative-config is not JSON: {a.speculative_config!r}") from None
+    fields["vllm_args"] = a.vllm_args[1:] if a.vllm_args[:1] == ["--"] else a.vllm_args
+    serve_forever(ServeConfig.parse(fields), host=a.host, port=a.port, grpc_port=a.grpc_port,
+                  timeout_s=a.start_timeout, request_timeout_s=a.request_timeout)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tandem-vllm", description="Tandem Transformers for vLLM: train, evaluate, decode.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -181,6 +197,34 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--json", required=True, help="report path; a .md table is written beside it")
     be.add_argument("--plot", help="PNG path")
     be.set_defaults(func=_bench_engine)
+
+    s = sub.add_parser("serve", help="serve on Ray Serve: OpenAI HTTP API + gRPC (no --model: the demo pair)",
+                       epilog="Anything after `--` is passed to vLLM's own `vllm serve` parser.")
+    s.add_argument("--model", help="local Hugging Face target directory (default: the embedded demo pair)")
+    s.add_argument("--drafter", help="Tandem drafter directory (shortcut for --speculative-config)")
+    s.add_argument("--num-speculative-tokens", type=int)
+    s.add_argument("--speculative-config", help="vLLM speculative_config as JSON, as `vllm serve` takes it")
+    s.add_argument("--no-speculation", action="store_true", default=None, help="serve the target alone")
+    s.add_argument("--served-model-name")
+    s.add_argument("--max-model-len", type=int)
+    s.add_argument("--dtype")
+    s.add_argument("--kv-cache-memory-bytes", type=int)
+    s.add_argument("--chat-template")
+    s.add_argument("--api-key", help="require this bearer token (HTTP) / authorization metadata (gRPC)")
+    s.add_argument("--max-request-bytes", type=int)
+    s.add_argument("--max-n", type=int)
+    s.add_argument("--num-replicas", type=int)
+    s.add_argument("--num-cpus", type=float, help="CPUs each replica reserves from Ray")
+    s.add_argument("--num-gpus", type=float, help="GPUs each replica reserves from Ray")
+    s.add_argument("--max-ongoing-requests", type=int)
+    s.add_argument("--max-queued-requests", type=int)
+    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--port", type=int, default=8000, help="HTTP port")
+    s.add_argument("--grpc-port", type=int, default=9000)
+    s.add_argument("--request-timeout", type=float, help="seconds before a request is cut off (504 / DEADLINE_EXCEEDED)")
+    s.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for the replicas to be ready")
+    s.add_argument("vllm_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    s.set_defaults(func=_serve)
 
     d = sub.add_parser("demo", help="the embedded demo pair").add_subparsers(dest="demo_cmd", required=True)
     db = d.add_parser("build", help="build (or reuse) the demo target + drafters")

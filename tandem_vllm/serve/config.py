@@ -1,0 +1,170 @@
+"""ServeConfig: everything a tandem-vllm deployment is told, validated once, in one place.
+
+Engine settings keep `vllm serve`'s names (``model``, ``max_model_len``, ``speculative_config``,
+``api_key``, ...) and are handed to vLLM's own argument parser, so anything `vllm serve` accepts
+can also be passed through ``vllm_args``. Replica and proxy settings are Ray Serve's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tandem_vllm.config import MAX_SPECULATIVE_TOKENS
+from tandem_vllm.errors import TandemError
+
+# The demo pair's tokenizer has no chat template; this one renders a conversation as plain text.
+DEMO_CHAT_TEMPLATE = (
+    "{% for m in messages %}### {{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}### assistant\n{% endif %}"
+)
+DEMO_MODEL_NAME = "tandem-demo"
+
+
+class Autoscaling(BaseModel):
+    """Ray Serve autoscaling bounds for the engine replicas."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas kept running (0 scales to zero when idle).")
+    max_replicas: int = Field(1, ge=1, description="Most replicas Serve may start.")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="In-flight requests per replica Serve aims for.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}")
+        return self
+
+
+class ServeConfig(BaseModel):
+    """One tandem-vllm application: the models, speculation, limits and replica resources."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # --- models and speculation (vllm serve names) ---
+    model: str | None = Field(None, description="Local Hugging Face directory of the target model. "
+                              "None serves the embedded demo pair (built on first use).")
+    drafter: str | None = Field(None, description="Tandem drafter checkpoint directory: shortcut for "
+                                "speculative_config={'model': drafter, 'num_speculative_tokens': ...}.")
+    num_speculative_tokens: int = Field(3, ge=1, le=MAX_SPECULATIVE_TOKENS,
+                                        description="Draft tokens proposed per verification step.")
+    speculative_config: dict[str, Any] | None = Field(None, description="vLLM's speculative_config as a dict, "
+                                                      "exactly as `vllm serve --speculative-config` takes it.")
+    no_speculation: bool = Field(False, description="Serve the target alone (also for the demo pair).")
+    served_model_name: str | None = Field(None, description="Name clients pass as `model`; defaults to the "
+                                          "model path (`tandem-demo` for the demo pair).")
+    max_model_len: int | None = Field(None, ge=16, description="Context length (prompt + completion) in tokens.")
+    dtype: str = Field("auto", description="Weights and activations dtype, as vLLM's --dtype.")
+    kv_cache_memory_bytes: int | None = Field(None, ge=2**20, description="KV cache size per replica in bytes; "
+                                              "None: 512 MiB on CPU, vLLM's gpu_memory_utilization on GPU.")
+    chat_template: str | None = Field(None, description="Jinja chat template (text or file) for models "
+                                      "whose tokenizer has none.")
+    api_key: str | None = Field(None, description="Require `Authorization: Bearer <key>` on /v1 HTTP "
+                                "routes and the same `authorization` metadata on gRPC.")
+    vllm_args: list[str] = Field(default_factory=list, description="Further `vllm serve` flags, passed "
+                                 "through to vLLM's own parser, e.g. ['--enable-prefix-caching'].")
+    # --- request limits ---
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest HTTP request body accepted (413 above).")
+    max_n: int = Field(8, ge=1, description="Largest `n` (completions per request) accepted.")
+    # --- replicas (Ray Serve) ---
+    num_replicas: int = Field(1, ge=1, description="Engine replicas, when autoscaling is not set.")
+    autoscaling: Autoscaling | None = Field(None, description="Autoscaling bounds; overrides num_replicas.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs each replica reserves from Ray.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs each replica reserves from Ray (1 for a GPU engine).")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests a replica runs at once; more queue in Serve.")
+    max_queued_requests: int = Field(256, ge=-1, description="Requests queued per caller before Serve answers "
+                                     "503 / RESOURCE_EXHAUSTED (-1: unbounded).")
+    graceful_shutdown_timeout_s: float = Field(30.0, ge=0, description="On shutdown, how long in-flight "
+                                               "requests may run before they are aborted.")
+
+    @model_validator(mode="after")
+    def _speculation(self) -> ServeConfig:
+        if self.drafter and self.speculative_config:
+            raise ValueError("give either drafter or speculative_config, not both")
+        if self.no_speculation and (self.drafter or self.speculative_config):
+            raise ValueError("no_speculation contradicts the drafter / speculative_config also given")
+        return self
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]) -> ServeConfig:
+        """Validate, turning pydantic's report into one readable TandemError."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
+            raise TandemError(f"invalid serve config: {problems}") from None
+
+    def resolved(self) -> ServeConfig:
+        """The demo pair filled in where no model is given (building it on first use)."""
+        if self.model is not None:
+            return self
+        from tandem_vllm.demo.build import build
+
+        pair = build("ci")
+        update: dict[str, Any] = {"model": pair["target"], "served_model_name": self.served_model_name or DEMO_MODEL_NAME,
+                                  "chat_template": self.chat_template or DEMO_CHAT_TEMPLATE,
+                                  "max_model_len": self.max_model_len or 1024, "dtype": "float32"}
+        if not (self.no_speculation or self.speculative_config or self.drafter):
+            update["drafter"] = pair["tandem"]
+        return self.model_copy(update=update)
+
+    def speculation(self) -> dict[str, Any] | None:
+        if self.speculative_config:
+            return dict(self.speculative_config)
+        if self.drafter:
+            return {"model": self.drafter, "num_speculative_tokens": self.num_speculative_tokens}
+        return None
+
+    def vllm_cli(self, *, on_cpu: bool) -> list[str]:
+        """The `vllm serve` command line this config means (without the `serve` verb)."""
+        if self.model is None:
+            raise TandemError("no model: call resolved() first")
+        argv = ["--model", self.model, "--dtype", self.dtype, "--enable-request-id-headers",
+                "--disable-uvicorn-access-log"]
+        if self.served_model_name:
+            argv += ["--served-model-name", self.served_model_name]
+        if self.max_model_len:
+            argv += ["--max-model-len", str(self.max_model_len)]
+        if spec := self.speculation():
+            argv += ["--speculative-config", json.dumps(spec)]
+        kv = self.kv_cache_memory_bytes or (512 * 2**20 if on_cpu else None)
+        if kv:
+            argv += ["--kv-cache-memory-bytes", str(kv)]
+        if self.chat_template:
+            argv += ["--chat-template", self.chat_template]
+        if self.api_key:
+            argv += ["--api-key", self.api_key]
+        return argv + list(self.vllm_args)
+
+    def check_paths(self) -> None:
+        """Missing local directories: refused here, before any replica starts."""
+        for what, path in (("model", self.model), ("drafter", self.drafter),
+                           ("speculative_config.model", (self.speculative_config or {}).get("model"))):
+            if path and (path.startswith(("/", ".", "~")) or Path(path).exists()):
+                p = Path(path).expanduser()
+                if not (p / "config.json").is_file():
+                    raise TandemError(f"{what}={path}: no config.json there; pass a local Hugging Face model "
+                                      f"directory (or a Tandem drafter built by `tandem-vllm train`)")
+
+
+def replica_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Ray Serve deployment options for the engine replicas."""
+    opts: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 60,
+    }
+    if cfg.autoscaling is not None:
+        a = cfg.autoscaling
+        opts["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                                      "target_ongoing_requests": a.target_ongoing_requests}
+    else:
+        opts["num_replicas"] = cfg.num_replicas
+    return opts
+

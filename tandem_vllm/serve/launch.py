@@ -1,0 +1,106 @@
+"""Start the application on a local Ray: ``tandem-vllm serve`` and the tests use this.
+
+Ray Serve waits forever for resources it cannot get and restarts replicas that fail to start, so
+``start`` polls the application's status under a deadline and turns DEPLOY_FAILED (or the deadline)
+into one readable error naming the cause.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tandem_vllm.errors import TandemError
+from tandem_vllm.serve.app import APP_NAME, build_app
+from tandem_vllm.serve.config import ServeConfig
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    http: str  # base URL, e.g. http://127.0.0.1:8000
+    grpc: str  # host:port
+
+
+def start(cfg: ServeConfig | dict[str, Any], *, host: str = "0.0.0.0", port: int = 8000, grpc_port: int = 9000,
+          timeout_s: float = 600.0, request_timeout_s: float | None = None, log_json: bool = True) -> Endpoints:
+    import ray
+    from ray import serve
+    from ray.serve import RunTarget
+    from ray.serve.config import HTTPOptions, gRPCOptions
+    from ray.serve.schema import LoggingConfig
+
+    from tandem_vllm.serve.grpc_api import SERVICER_FUNCTIONS
+
+    cfg = (cfg if isinstance(cfg, ServeConfig) else ServeConfig.parse(cfg)).resolved()
+    app = build_app(cfg.model_dump(exclude_none=True))  # validates and refuses bad models before Ray starts
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    serve.start(
+        http_options=HTTPOptions(host=host, port=port, request_timeout_s=request_timeout_s),
+        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,
+                                 request_timeout_s=request_timeout_s),
+        logging_config=LoggingConfig(encoding="JSON" if log_json else "TEXT"),
+    )
+    serve.run_many([RunTarget(target=app, name=APP_NAME, route_prefix="/")],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    wait_until_running(timeout_s)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return Endpoints(http=f"http://{shown}:{port}", grpc=f"{shown}:{grpc_port}")
+
+
+def wait_until_running(timeout_s: float) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = serve.status().applications.get(APP_NAME)
+        state = str(status.status) if status is not None else "NOT_STARTED"
+        if state.endswith("RUNNING"):
+            return
+        if state.endswith("DEPLOY_FAILED"):
+            detail = status.message if status is not None else ""
+            for d in (status.deployments.values() if status is not None else []):
+                detail += f" {d.message}"
+            raise TandemError(f"the tandem application failed to start: {_last_line(detail)}")
+        if time.monotonic() > deadline:
+            raise TandemError(f"the tandem application is not running after {timeout_s:.0f} s (state {state}); "
+                              f"Ray may lack the CPUs/GPUs the replicas ask for (see num_cpus / num_gpus)")
+        time.sleep(1.0)
+
+
+def _last_line(text: str) -> str:
+    """Deployment errors carry a whole traceback; the exception line at its end is the message."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error:" in ln or "Exception:" in ln]
+    return (errors or lines or ["(no detail)"])[-1]
+
+
+def stop() -> None:
+    """Graceful: Serve lets in-flight requests finish (graceful_shutdown_timeout_s), then stops."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+
+
+def serve_forever(cfg: ServeConfig, **kw: Any) -> None:
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    try:
+        cfg = cfg.resolved()
+        ep = start(cfg, **kw)
+        print(f"tandem-vllm is serving {cfg.served_model_name or cfg.model or 'the demo pair'}\n"
+              f"  OpenAI HTTP: {ep.http}/v1   (curl {ep.http}/v1/models)\n"
+              f"  gRPC:        {ep.grpc}   (tandem.v1.TandemGeneration, grpc.health.v1.Health, reflection)\n"
+              f"  metrics:     {ep.http}/metrics\n"
+              f"Ctrl-C stops it (in-flight requests finish first).", flush=True)
+        done.wait()
+    finally:
+        print("shutting down ...", flush=True)
+        stop()

@@ -1,0 +1,73 @@
+"""Speculation statistics a replica exposes: vLLM's own spec-decode counts, totalled, plus tau.
+
+vLLM's Prometheus logger already exports ``vllm:spec_decode_num_drafts`` & co. on /metrics. This
+logger sees the same per-step ``SpecDecodingStats`` and keeps running totals so the replica can
+answer ModelInfo over gRPC and export ``tandem:spec_decode_mean_acceptance_length`` (tau = tokens
+emitted per target pass = 1 + accepted / drafts) as a gauge next to vLLM's counters.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+
+@dataclass
+class SpecTotals:
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
+
+
+_TOTALS = SpecTotals()
+_LOCK = threading.Lock()
+_GAUGE: Any = None
+
+
+def totals() -> SpecTotals:
+    with _LOCK:
+        return SpecTotals(_TOTALS.num_drafts, _TOTALS.num_draft_tokens, _TOTALS.num_accepted_tokens)
+
+
+def _tau_gauge() -> Any:
+    """One gauge per process (a replica may build more than one engine over its life)."""
+    global _GAUGE
+    if _GAUGE is None:
+        import prometheus_client
+
+        _GAUGE = prometheus_client.Gauge(
+            "tandem:spec_decode_mean_acceptance_length",
+            "Mean tokens emitted per target forward pass (tau) since the replica started.",
+            ["model_name"],
+        )
+    return _GAUGE
+
+
+class SpecStatsLogger(StatLoggerBase):
+    """Per-engine vLLM stat logger: totals spec-decode work and publishes tau."""
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0):
+        self.model_name = str(vllm_config.model_config.served_model_name)
+        self.gauge = _tau_gauge().labels(model_name=self.model_name)
+        self.gauge.set(1.0)
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+               engine_idx: int = 0) -> None:
+        spec = getattr(scheduler_stats, "spec_decoding_stats", None)
+        if spec is None:
+            return
+        with _LOCK:
+            _TOTALS.num_drafts += spec.num_drafts
+            _TOTALS.num_draft_tokens += spec.num_draft_tokens
+            _TOTALS.num_accepted_tokens += spec.num_accepted_tokens
+            self.gauge.set(_TOTALS.mean_acceptance_length)
+
+    def log_engine_initialized(self) -> None:
+        pass
