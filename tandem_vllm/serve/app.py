@@ -66,9 +66,12 @@ class TandemServer:
         spec = self.engine.vllm_config.speculative_config
         self.model_name = self.cfg.served_model_name or self.cfg.model or ""
         self.max_model_len = self.engine.model_config.max_model_len
-        self.spec_method = (spec.method or "") if spec is not None else ""
+        from tandem_vllm.decoding.vllm_glue import is_tandem_checkpoint
+
         self.spec_k = spec.num_speculative_tokens if spec is not None else 0
         self.drafter = (spec.model or "") if spec is not None else ""
+        self.spec_method = ("tandem" if is_tandem_checkpoint(spec.draft_model_config) else spec.method or "") \
+            if spec is not None else ""
         logger.info(json.dumps({"event": "replica_ready", "model": self.model_name, "speculation": self.spec_method,
                                 "num_speculative_tokens": self.spec_k, "max_model_len": self.max_model_len}))
 
@@ -150,6 +153,7 @@ class TandemServer:
     async def _run(self, grpc_context: Any, prompt: str, params: Any, request_id: str) -> AsyncIterator[Any]:
         """Stream the engine's outputs; map engine refusals to gRPC codes; abort if the client leaves."""
         import grpc
+        from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError
 
         from tandem_vllm.serve import grpc_api as g
@@ -162,7 +166,7 @@ class TandemServer:
                 yield out
         except EngineDeadError as e:
             _fail(grpc_context, g.RpcError(grpc.StatusCode.UNAVAILABLE, f"engine stopped: {e}"))
-        except ValueError as e:  # vLLM's input validation: prompt too long for the context, ...
+        except (ValueError, VLLMValidationError) as e:  # vLLM's input checks: prompt longer than the context, ...
             _fail(grpc_context, g.invalid(str(e)))
         finally:
             if not finished:  # client cancelled or deadline passed: free the request's KV slots now

@@ -31,6 +31,9 @@ class RpcError(Exception):
         super().__init__(message)
         self.code = code
 
+    def __reduce__(self) -> tuple[Any, ...]:  # Ray pickles it back to the gRPC proxy
+        return (RpcError, (self.code, str(self)))
+
 
 def invalid(message: str) -> RpcError:
     return RpcError(grpc.StatusCode.INVALID_ARGUMENT, message)
@@ -48,6 +51,7 @@ def check_api_key(grpc_context: Any, api_key: str | None) -> None:
 def sampling_params(s: Any) -> Any:
     """pb SamplingOptions -> vllm.SamplingParams; bad values are INVALID_ARGUMENT with vLLM's reason."""
     from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
 
     kw: dict[str, Any] = {"max_tokens": s.max_tokens or DEFAULT_MAX_TOKENS, "stop": list(s.stop) or None}
     for name in ("temperature", "top_p", "seed"):
@@ -57,7 +61,7 @@ def sampling_params(s: Any) -> Any:
         raise invalid(f"temperature={kw['temperature']}; it must be >= 0 (0 is greedy)")
     try:
         return SamplingParams(**kw)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, VLLMValidationError) as e:
         raise invalid(f"invalid sampling options: {e}") from None
 
 

