@@ -306,6 +306,28 @@ def test_grpc_without_the_key_is_unauthenticated_and_deadlines_hold(stub):
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+# ---------------------------------------------------------------- start-up refusals
+
+
+@pytest.mark.parametrize("case", ["other target", "k out of range"])
+def test_bad_drafters_are_refused_before_any_replica_starts(tmp_path, case):
+    from tandem_vllm.demo.build import build
+    from tandem_vllm.errors import TandemError
+    from tandem_vllm.serve.app import build_app
+    from tests.integration.helpers import other_target
+
+    demo = build("ci", progress=False)
+    args = {"model": demo["target"], "drafter": demo["tandem"]}
+    if case == "other target":
+        args["model"] = other_target(demo, tmp_path)
+        fragment = "was trained for target"
+    else:
+        args = {"model": demo["target"], "speculative_config": {"model": demo["tandem"], "num_speculative_tokens": 40}}
+        fragment = "num_speculative_tokens=40"
+    with pytest.raises(TandemError, match=fragment):
+        build_app(args)
+
+
 # ---------------------------------------------------------------- replicas
 
 

@@ -13,6 +13,7 @@ from tandem_vllm.errors import TandemError
 from tandem_vllm.modeling.reference import TandemDrafter
 from tandem_vllm.modeling.target import load_causal_lm
 from tandem_vllm.quality import read_prompts
+from tests.integration.helpers import other_target
 
 pytestmark = pytest.mark.slow
 vllm = pytest.importorskip("vllm")
@@ -180,22 +181,7 @@ def test_bad_tandem_settings_are_refused_before_the_engine_starts(demo, tmp_path
     elif case == "k":
         k = 17
     else:
-        target = _other_target(demo, tmp_path)
+        target = other_target(demo, tmp_path)
     args = EngineArgs(model=target, speculative_config={"model": drafter, "num_speculative_tokens": k})
     with pytest.raises(TandemError, match=message):
         args.create_engine_config()
-
-
-def _other_target(demo, tmp_path) -> str:
-    """A Llama target with the demo tokenizer but a different width: the drafter's P_j cannot read it."""
-    import shutil
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    src = load_causal_lm(demo["target"]).model.config
-    cfg = LlamaConfig(**{**src.to_dict(), "hidden_size": 128, "intermediate_size": 256, "head_dim": 32})
-    out = tmp_path / "other-target"
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(f"{demo['target']}/{f}", out / f)
-    return str(out)

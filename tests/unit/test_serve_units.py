@@ -1,0 +1,186 @@
+"""Serving pieces without Ray or an engine: config validation, the limits middleware, proto stubs,
+gRPC conversions and the CLI's refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from tandem_vllm.errors import TandemError
+from tandem_vllm.serve.config import ServeConfig, replica_options
+from tandem_vllm.serve.middleware import LimitsAndLogging
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_builds_the_vllm_serve_command_line():
+    cfg = ServeConfig.parse({"model": "/m/target", "drafter": "/m/tandem", "num_speculative_tokens": 5,
+                             "max_model_len": 2048, "api_key": "k", "vllm_args": ["--enable-prefix-caching"]})
+    argv = cfg.vllm_cli(on_cpu=True)
+    assert argv[argv.index("--model") + 1] == "/m/target"
+    spec = json.loads(argv[argv.index("--speculative-config") + 1])
+    assert spec == {"model": "/m/tandem", "num_speculative_tokens": 5}
+    assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(512 * 2**20)  # a fixed CPU footprint
+    assert "--kv-cache-memory-bytes" not in cfg.vllm_cli(on_cpu=False)  # GPU: vLLM's utilisation share
+    assert argv[argv.index("--api-key") + 1] == "k" and argv[-1] == "--enable-prefix-caching"
+    assert "--speculative-config" not in ServeConfig.parse({"model": "/m/target"}).vllm_cli(on_cpu=True)
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"model": "/m", "drafter": "/d", "speculative_config": {"model": "/d"}}, "either drafter or"),
+        ({"model": "/m", "drafter": "/d", "no_speculation": True}, "contradicts"),
+        ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
+        ({"num_speculative_tokens": 17}, "num_speculative_tokens"),
+        ({"num_replicas": -1}, "num_replicas"),
+        ({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "exceeds max_replicas"),
+        ({"modle": "/m"}, "modle: Extra inputs are not permitted"),
+        ({"max_n": "many"}, "max_n"),
+    ],
+)
+def test_bad_config_is_one_readable_error(data, fragment):
+    with pytest.raises(TandemError, match="invalid serve config") as e:
+        ServeConfig.parse(data)
+    assert fragment in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_replica_options_follow_the_config():
+    fixed = replica_options(ServeConfig.parse({"num_replicas": 2, "num_gpus": 1, "max_queued_requests": 10}))
+    assert fixed["num_replicas"] == 2 and fixed["ray_actor_options"]["num_gpus"] == 1
+    assert fixed["max_queued_requests"] == 10
+    auto = replica_options(ServeConfig.parse({"autoscaling": {"min_replicas": 1, "max_replicas": 4}}))
+    assert "num_replicas" not in auto and auto["autoscaling_config"]["max_replicas"] == 4
+
+
+def test_missing_model_directories_are_refused_with_the_path(tmp_path):
+    cfg = ServeConfig.parse({"model": str(tmp_path / "nowhere")})
+    with pytest.raises(TandemError, match="nowhere: no config.json"):
+        cfg.check_paths()
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "config.json").write_text("{}")
+    with pytest.raises(TandemError, match="drafter=.*gone"):
+        ServeConfig.parse({"model": str(tmp_path / "t"), "drafter": str(tmp_path / "gone")}).check_paths()
+
+
+# ---------------------------------------------------------------- middleware
+
+
+def _call(app, body: bytes, *, path="/v1/completions", method="POST", chunks: int = 1, headers=()):
+    """Run an ASGI request through `app`; returns (status, json body or None, what the inner app got)."""
+    sent, size = [], len(body)
+    parts = [body[i * size // chunks:(i + 1) * size // chunks] for i in range(chunks)]
+    incoming = [{"type": "http.request", "body": p, "more_body": i < chunks - 1} for i, p in enumerate(parts)]
+
+    async def receive():
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path,
+             "headers": [(b"content-length", str(len(body)).encode()), *headers]}
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    payload = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, json.loads(payload) if payload else None
+
+
+async def _echo(scope, receive, send):
+    """Stands in for vLLM's app: echoes the body it received."""
+    body, more = b"", True
+    while more:
+        m = await receive()
+        body += m.get("body", b"")
+        more = m.get("more_body", False)
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": json.dumps({"echo": body.decode()}).encode()})
+
+
+def test_limits_pass_good_requests_through_with_their_body_intact():
+    app = LimitsAndLogging(_echo, max_request_bytes=1024, max_n=2)
+    body = json.dumps({"model": "m", "prompt": "hello", "n": 2}).encode()
+    assert _call(app, body, chunks=3) == (200, {"echo": body.decode()})
+    assert _call(app, b"{}", path="/v1/models", method="GET")[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        (json.dumps({"prompt": "x" * 2000}).encode(), 413, "exceeds the limit of 1024 bytes"),
+        (json.dumps({"prompt": "x", "n": 3}).encode(), 400, "n=3 exceeds"),
+        (b'{"prompt": "\xff"}', 400, "not valid UTF-8"),
+    ],
+)
+def test_limits_refuse_in_openai_error_shape(body, status, fragment):
+    app = LimitsAndLogging(_echo, max_request_bytes=1024, max_n=2)
+    got_status, got = _call(app, body, chunks=2)
+    assert got_status == status
+    assert fragment in got["error"]["message"] and got["error"]["code"] == status
+
+
+# ---------------------------------------------------------------- protos and gRPC conversions
+
+
+def test_stubs_are_generated_from_the_protos_and_picklable(tmp_path):
+    import pickle
+
+    from tandem_vllm.serve import protos
+
+    out = protos.generate(out=tmp_path / "pb")
+    assert {p.name for p in out.iterdir()} >= {"__init__.py", "tandem_pb2.py", "tandem_pb2_grpc.py"}
+    pb, pb_grpc = protos.load()
+    assert hasattr(pb_grpc, "add_TandemGenerationServicer_to_server")
+    assert pb.FINISH_REASON_UNSPECIFIED == 0
+    msg = pb.GenerateRequest(prompt="x", sampling=pb.SamplingOptions(max_tokens=3, temperature=0.5))
+    assert pickle.loads(pickle.dumps(msg)) == msg  # Ray moves requests between processes
+
+
+def test_grpc_sampling_options_map_to_vllm_and_bad_ones_are_invalid_argument():
+    pytest.importorskip("vllm")
+    import grpc
+
+    from tandem_vllm.serve import grpc_api as g
+
+    p = g.sampling_params(g.pb.SamplingOptions(temperature=0.0, seed=4, stop=["\n\n"]))
+    assert p.max_tokens == g.DEFAULT_MAX_TOKENS and p.temperature == 0.0 and p.seed == 4 and p.stop == ["\n\n"]
+    for bad in (g.pb.SamplingOptions(temperature=-1), g.pb.SamplingOptions(top_p=0.0)):
+        with pytest.raises(g.RpcError) as e:
+            g.sampling_params(bad)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(g.RpcError, match="prompt is empty"):
+        g.prompt_text("  ")
+
+
+def test_grpc_api_key_is_checked_from_metadata():
+    pytest.importorskip("vllm")
+    import grpc
+
+    from tandem_vllm.serve import grpc_api as g
+
+    class Ctx:
+        def __init__(self, md):
+            self.md = md
+
+        def invocation_metadata(self):
+            return self.md
+
+    g.check_api_key(Ctx([]), None)
+    g.check_api_key(Ctx([("authorization", "Bearer k")]), "k")
+    for md in ([], [("authorization", "Bearer nope")], [("authorization", "k")]):
+        with pytest.raises(g.RpcError) as e:
+            g.check_api_key(Ctx(md), "k")
+        assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_serve_cli_refuses_a_missing_model_in_one_line(tmp_path, capsys):
+    from tandem_vllm.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", str(tmp_path / "nope"), "--start-timeout", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tandem-vllm: error:") and "no config.json" in err and "\n" not in err
