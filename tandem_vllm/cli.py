@@ -76,6 +76,31 @@ def _bench_engine(a: argparse.Namespace) -> None:
     print(table)
 
 
+def _bench_serve(a: argparse.Namespace) -> None:
+    from tandem_vllm.bench import serve as bench
+    from tandem_vllm.quality import read_prompts
+    from tandem_vllm.serve.config import ServeConfig
+
+    prompts = read_prompts(a.prompts)[: a.num_prompts]
+    try:
+        config = ServeConfig.parse(json.loads(a.config)) if a.config else ServeConfig()
+    except ValueError:
+        raise TandemError(f"--config is not JSON: {a.config!r}") from None
+    if a.api_key:
+        config = config.model_copy(update={"api_key": a.api_key})
+    compare = a.compare_engine if a.compare_engine is not None else a.url is None
+    cells = bench.run(url=a.url, config=config, prompts=prompts, concurrencies=a.concurrency, max_tokens=a.max_tokens,
+                      model=a.model, compare_engine=compare)
+    meta = {"url": a.url or "started by the benchmark", "config": config.model_dump(exclude_none=True),
+            "prompts": len(prompts), "max_tokens": a.max_tokens}
+    bench.write_json(cells, Path(a.json), meta)
+    table = bench.markdown(cells)
+    Path(a.json).with_suffix(".md").write_text(table)
+    if a.plot:
+        bench.plot(cells, Path(a.plot), f"{len(prompts)} prompts x {a.max_tokens} tokens, greedy, streaming")
+    print(table)
+
+
 def _demo_build(a: argparse.Namespace) -> None:
     from tandem_vllm.demo.build import build
 
@@ -225,6 +250,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for the replicas to be ready")
     s.add_argument("vllm_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     s.set_defaults(func=_serve)
+
+    bs = b.add_parser("serve", help="streaming clients against the HTTP API, vs the bare engine")
+    bs.add_argument("--url", help="server base URL (default: start the app from --config, then stop it)")
+    bs.add_argument("--config", help="ServeConfig as JSON (default {}: the demo pair with Tandem); also what the "
+                    "bare engine is built from")
+    bs.add_argument("--prompts", required=True, help='JSONL, one {"prompt": ...} per line')
+    bs.add_argument("--num-prompts", type=int, default=32)
+    bs.add_argument("--concurrency", type=_int_list, default=[1, 8, 32])
+    bs.add_argument("--max-tokens", type=int, default=64)
+    bs.add_argument("--model", help="model name to request (default: the first the server lists)")
+    bs.add_argument("--api-key")
+    bs.add_argument("--compare-engine", action=argparse.BooleanOptionalAction, default=None,
+                    help="also run the bare engine (default: when the benchmark started the app)")
+    bs.add_argument("--json", required=True, help="report path; a .md table is written beside it")
+    bs.add_argument("--plot", help="PNG path")
+    bs.set_defaults(func=_bench_serve)
 
     d = sub.add_parser("demo", help="the embedded demo pair").add_subparsers(dest="demo_cmd", required=True)
     db = d.add_parser("build", help="build (or reuse) the demo target + drafters")

@@ -17,14 +17,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 
+from tandem_vllm.bench.measure import Streamed, closed_loop, latency_summary, measure
 from tandem_vllm.errors import TandemError
 from tandem_vllm.progress import progress_bar
 
@@ -84,33 +85,9 @@ def _spec_counters() -> dict[str, float]:
     }
 
 
-async def _one(engine: Any, prompt: str, params: Any) -> tuple[list[int], float, list[float]]:
-    """Stream one request: (tokens, TTFT seconds, per-token inter-token latencies in seconds)."""
-    start = time.perf_counter()
-    last, seen, ttft, itl, tokens = start, 0, 0.0, [], []
+async def _engine_stream(engine: Any, prompt: str, params: Any) -> AsyncIterator[list[int]]:
     async for out in engine.generate(prompt, params, request_id=uuid.uuid4().hex):
-        now = time.perf_counter()
-        tokens = list(out.outputs[0].token_ids)
-        new = len(tokens) - seen
-        if new > 0:
-            if seen == 0:
-                ttft = now - start
-                new -= 1  # the first token's latency is the TTFT
-            itl += [(now - last) / max(new, 1)] * new
-            last, seen = now, len(tokens)
-    return tokens, ttft, itl
-
-
-async def _run_batch(engine: Any, prompts: list[str], params: Any, batch_size: int) -> tuple[list[Any], float]:
-    gate = asyncio.Semaphore(batch_size)
-
-    async def gated(p: str) -> Any:
-        async with gate:
-            return await _one(engine, p, params)
-
-    start = time.perf_counter()
-    results = await asyncio.gather(*(gated(p) for p in prompts))
-    return results, time.perf_counter() - start
+        yield list(out.outputs[0].token_ids)
 
 
 async def _bench_row(
@@ -125,33 +102,37 @@ async def _bench_row(
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     cells = []
     try:
-        await _run_batch(engine, prompts[:2], params, 2)  # warm-up: first-call allocations, caches
+        async def one(prompt: str) -> Streamed:
+            return await measure(_engine_stream(engine, prompt, params))
+
+        await closed_loop(one, prompts[:2], 2)  # warm-up: first-call allocations, caches
         for b in batch_sizes:
             before = _spec_counters()
-            results, seconds = await _run_batch(engine, prompts, params, b)
+            raw, seconds = await closed_loop(one, prompts, b)
             after = _spec_counters()
+            results = [r for r in raw if isinstance(r, Streamed)]
+            if len(results) < len(raw):
+                raise next(r for r in raw if isinstance(r, BaseException))
             d = {k: after[k] - before.get(k, 0.0) for k in after}
-            outputs = [r[0] for r in results]
-            itl = np.concatenate([np.asarray(r[2]) for r in results]) * 1e3
-            n_tokens = sum(len(o) for o in outputs)
+            s = latency_summary(results, seconds)
             drafts = d.get("num_drafts", 0.0)
             cells.append(
                 Cell(
                     row=row.name,
                     batch_size=b,
                     requests=len(prompts),
-                    tokens=n_tokens,
-                    seconds=round(seconds, 3),
-                    tokens_per_s=round(n_tokens / seconds, 2),
-                    ttft_ms_mean=round(float(np.mean([r[1] for r in results])) * 1e3, 1),
-                    itl_ms_p50=round(float(np.percentile(itl, 50)), 2) if itl.size else 0.0,
-                    itl_ms_p95=round(float(np.percentile(itl, 95)), 2) if itl.size else 0.0,
+                    tokens=int(s["tokens"]),
+                    seconds=s["seconds"],
+                    tokens_per_s=s["tokens_per_s"],
+                    ttft_ms_mean=s["ttft_ms_mean"],
+                    itl_ms_p50=s["itl_ms_p50"],
+                    itl_ms_p95=s["itl_ms_p95"],
                     tau=round(1 + d.get("num_accepted_tokens", 0.0) / drafts, 3) if drafts else 1.0,
                     acceptance_rate=round(d["num_accepted_tokens"] / d["num_draft_tokens"], 4)
                     if d.get("num_draft_tokens")
                     else None,
                     drafts=int(drafts),
-                    outputs=outputs,
+                    outputs=[r.tokens for r in results],
                 )
             )
     finally:

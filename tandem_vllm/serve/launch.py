@@ -24,6 +24,15 @@ class Endpoints:
     grpc: str  # host:port
 
 
+def free_port() -> int:
+    """A TCP port free on loopback right now (for tests and benchmarks that start their own app)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def start(cfg: ServeConfig | dict[str, Any], *, host: str = "0.0.0.0", port: int = 8000, grpc_port: int = 9000,
           timeout_s: float = 600.0, request_timeout_s: float | None = None, log_json: bool = True) -> Endpoints:
     import ray

@@ -27,20 +27,14 @@ MAX_N = 4
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app():
-    from tandem_vllm.serve.launch import start, stop
+    from tandem_vllm.serve.launch import free_port, start, stop
 
     cfg = {"api_key": KEY, "max_n": MAX_N, "max_request_bytes": 64 * 1024, "graceful_shutdown_timeout_s": 5,
            "kv_cache_memory_bytes": 256 * 2**20}
     try:
-        yield start(cfg, host="127.0.0.1", port=_free_port(), grpc_port=_free_port(), timeout_s=900,
+        yield start(cfg, host="127.0.0.1", port=free_port(), grpc_port=free_port(), timeout_s=900,
                     log_json=False)
     finally:
         stop()

@@ -1,0 +1,67 @@
+"""Client-side timing shared by the benchmarks: one streamed request, and a closed loop of them.
+
+A stream is an async iterator of the request's token ids so far (cumulative), one item per chunk
+the client receives. Speculation delivers several tokens per chunk, so each token of a chunk gets an
+equal share of the gap since the previous chunk as its inter-token latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Streamed:
+    tokens: list[int]
+    ttft: float  # seconds from submission to the first token
+    itl: list[float] = field(default_factory=list)  # seconds, one per token after the first
+
+
+async def measure(stream: AsyncIterator[list[int]]) -> Streamed:
+    start = time.perf_counter()
+    last, seen, ttft, itl, tokens = start, 0, 0.0, [], []
+    async for tokens in stream:
+        now = time.perf_counter()
+        new = len(tokens) - seen
+        if new > 0:
+            if seen == 0:
+                ttft = now - start
+                new -= 1  # the first token's latency is the TTFT
+            itl += [(now - last) / max(new, 1)] * new
+            last, seen = now, len(tokens)
+    return Streamed(list(tokens), ttft, itl)
+
+
+async def closed_loop(one: Callable[[str], Awaitable[Streamed]], prompts: list[str],
+                      concurrency: int) -> tuple[list[Streamed | BaseException], float]:
+    """Every prompt once, `concurrency` in flight; (results or the exception each raised, wall seconds)."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def gated(p: str) -> Streamed:
+        async with gate:
+            return await one(p)
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(gated(p) for p in prompts), return_exceptions=True)
+    return list(results), time.perf_counter() - start
+
+
+def latency_summary(results: list[Streamed], seconds: float) -> dict[str, float]:
+    """tokens/s over the wall time, TTFT mean and p50, ITL p50 and p95 (milliseconds)."""
+    itl = np.concatenate([np.asarray(r.itl) for r in results]) * 1e3 if results else np.zeros(0)
+    ttft = np.asarray([r.ttft for r in results]) * 1e3
+    tokens = sum(len(r.tokens) for r in results)
+    return {
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 2) if seconds else 0.0,
+        "ttft_ms_mean": round(float(ttft.mean()), 1) if ttft.size else 0.0,
+        "ttft_ms_p50": round(float(np.percentile(ttft, 50)), 1) if ttft.size else 0.0,
+        "itl_ms_p50": round(float(np.percentile(itl, 50)), 2) if itl.size else 0.0,
+        "itl_ms_p95": round(float(np.percentile(itl, 95)), 2) if itl.size else 0.0,
+    }

@@ -1,0 +1,182 @@
+"""``tandem-vllm bench serve``: streaming clients against the HTTP API, and the same load on the bare engine.
+
+For each concurrency c, every prompt is sent once as a streaming /v1/completions request (greedy,
+``ignore_eos``, token ids returned per chunk) with c requests in flight. The same prompts then run
+through a bare vLLM ``AsyncLLM`` built from the same ServeConfig (same model, drafter, k, context
+and KV size), so ``overhead = 1 - serve tokens/s / engine tokens/s`` is the cost of Ray Serve + the
+HTTP layer. The server must be idle apart from this benchmark, and the bare engine runs after the
+served one is stopped when the benchmark started it itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tandem_vllm.bench.measure import Streamed, closed_loop, latency_summary, measure
+from tandem_vllm.errors import TandemError
+from tandem_vllm.progress import progress_bar
+from tandem_vllm.serve.config import ServeConfig
+
+
+@dataclass
+class Cell:
+    path: str  # "serve (HTTP)" or "bare engine"
+    concurrency: int
+    requests: int
+    errors: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    ttft_ms_mean: float
+    ttft_ms_p50: float
+    itl_ms_p50: float
+    itl_ms_p95: float
+    overhead: float | None = None  # serve only: 1 - serve tokens/s / bare-engine tokens/s
+
+
+async def _http_stream(client: Any, model: str, prompt: str, max_tokens: int) -> AsyncIterator[list[int]]:
+    stream = await client.completions.create(
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+        extra_body={"ignore_eos": True, "return_token_ids": True})
+    tokens: list[int] = []
+    async for chunk in stream:
+        if chunk.choices:
+            tokens = tokens + list(getattr(chunk.choices[0], "token_ids", None) or [])
+            yield tokens
+
+
+async def _engine_stream(engine: Any, prompt: str, params: Any) -> AsyncIterator[list[int]]:
+    async for out in engine.generate(prompt, params, request_id=uuid.uuid4().hex):
+        yield list(out.outputs[0].token_ids)
+
+
+def _cell(path: str, concurrency: int, raw: list[Any], seconds: float) -> Cell:
+    ok = [r for r in raw if isinstance(r, Streamed)]
+    return Cell(path=path, concurrency=concurrency, requests=len(raw), errors=len(raw) - len(ok),
+                **latency_summary(ok, seconds))  # type: ignore[arg-type]
+
+
+async def bench_http(url: str, prompts: list[str], concurrencies: list[int], max_tokens: int,
+                     api_key: str | None, model: str | None) -> list[Cell]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key or "none", max_retries=0,
+                                timeout=600)
+    try:
+        served = [m.id for m in (await client.models.list()).data]
+    except openai.APIError as e:
+        raise TandemError(f"{url}: cannot list models ({e}); is the server up, and is --api-key right?") from None
+    model = model or served[0]
+
+    async def one(prompt: str) -> Streamed:
+        return await measure(_http_stream(client, model, prompt, max_tokens))
+
+    await closed_loop(one, prompts[:2], 2)  # warm-up
+    cells = []
+    for c in concurrencies:
+        raw, seconds = await closed_loop(one, prompts, c)
+        cells.append(_cell("serve (HTTP)", c, raw, seconds))
+    await client.close()
+    return cells
+
+
+async def bench_engine(cfg: ServeConfig, prompts: list[str], concurrencies: list[int], max_tokens: int) -> list[Cell]:
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.platforms import current_platform
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(cfg.vllm_cli(on_cpu=current_platform.is_cpu()))
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args))
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+    async def one(prompt: str) -> Streamed:
+        return await measure(_engine_stream(engine, prompt, params))
+
+    try:
+        await closed_loop(one, prompts[:2], 2)
+        cells = []
+        for c in concurrencies:
+            raw, seconds = await closed_loop(one, prompts, c)
+            cells.append(_cell("bare engine", c, raw, seconds))
+        return cells
+    finally:
+        engine.shutdown()
+
+
+def run(*, url: str | None, config: ServeConfig, prompts: list[str], concurrencies: list[int], max_tokens: int,
+        model: str | None, compare_engine: bool) -> list[Cell]:
+    """Serve cells (starting and stopping the app when no url is given), then bare-engine cells."""
+    if not prompts:
+        raise TandemError('the prompts file is empty; pass a JSONL file with one {"prompt": ...} per line')
+    from tandem_vllm.serve.launch import free_port, start, stop
+
+    cfg = config.resolved()
+    bar = progress_bar(total=2 if compare_engine else 1, desc="bench serve", unit="path")
+    owned = url is None
+    if owned:
+        url = start(cfg, host="127.0.0.1", port=free_port(), grpc_port=free_port(), timeout_s=900).http
+    try:
+        cells = asyncio.run(bench_http(url, prompts, concurrencies, max_tokens, cfg.api_key, model))
+    finally:
+        if owned:
+            stop()
+    bar.update(1)
+    if compare_engine:
+        gc.collect()
+        bare = asyncio.run(bench_engine(cfg, prompts, concurrencies, max_tokens))
+        by_c = {c.concurrency: c for c in bare}
+        for c in cells:
+            if by_c[c.concurrency].tokens_per_s:
+                c.overhead = round(1 - c.tokens_per_s / by_c[c.concurrency].tokens_per_s, 4)
+        cells += bare
+        bar.update(1)
+    bar.close()
+    return cells
+
+
+def markdown(cells: list[Cell]) -> str:
+    head = ("| path | concurrency | requests | errors | tokens/s | TTFT mean ms | TTFT p50 ms | ITL p50 ms | "
+            "ITL p95 ms | overhead vs engine |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = [f"| {c.path} | {c.concurrency} | {c.requests} | {c.errors} | {c.tokens_per_s:.1f} | "
+             f"{c.ttft_ms_mean:.0f} | {c.ttft_ms_p50:.0f} | {c.itl_ms_p50:.1f} | {c.itl_ms_p95:.1f} | "
+             f"{'—' if c.overhead is None else f'{c.overhead:+.1%}'} |" for c in cells]
+    return head + "\n".join(lines) + "\n"
+
+
+def write_json(cells: list[Cell], path: Path, meta: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**meta, "cells": [asdict(c) for c in cells]}, indent=2) + "\n")
+
+
+def plot(cells: list[Cell], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in dict.fromkeys(c.path for c in cells):
+        mine = sorted((c for c in cells if c.path == name), key=lambda c: c.concurrency)
+        xs = [c.concurrency for c in mine]
+        a.plot(xs, [c.tokens_per_s for c in mine], "o-", label=name)
+        b.plot(xs, [c.ttft_ms_p50 for c in mine], "o-", label=name)
+    for ax, ylabel in ((a, "tokens/s"), (b, "TTFT p50 (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streaming clients")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
