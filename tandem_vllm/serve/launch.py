@@ -7,6 +7,7 @@ into one readable error naming the cause.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -34,7 +35,14 @@ def free_port() -> int:
 
 
 def start(cfg: ServeConfig | dict[str, Any], *, host: str = "0.0.0.0", port: int = 8000, grpc_port: int = 9000,
-          timeout_s: float = 600.0, request_timeout_s: float | None = None, log_json: bool = True) -> Endpoints:
+          timeout_s: float = 600.0, request_timeout_s: float | None = None, log_json: bool = True,
+          direct_ingress: bool = True) -> Endpoints:
+    """Start Ray (if needed), Serve and the app; return once a replica is ready.
+
+    direct_ingress: replicas answer HTTP and gRPC themselves instead of relaying every streamed
+    chunk through Serve's proxy actor (measured: the relay cost 33-47% tokens/s on 2 cores, direct
+    5-9%). It is a Ray-wide setting, read when Ray starts, so it applies only if this call starts Ray.
+    """
     import ray
     from ray import serve
     from ray.serve import RunTarget
@@ -46,6 +54,7 @@ def start(cfg: ServeConfig | dict[str, Any], *, host: str = "0.0.0.0", port: int
     cfg = (cfg if isinstance(cfg, ServeConfig) else ServeConfig.parse(cfg)).resolved()
     app = build_app(cfg.model_dump(exclude_none=True))  # validates and refuses bad models before Ray starts
     if not ray.is_initialized():
+        os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1" if direct_ingress else "0")
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(
         http_options=HTTPOptions(host=host, port=port, request_timeout_s=request_timeout_s),
