@@ -233,6 +233,33 @@ def _restore_rng_of_discarded_samples(runner_cls: Any) -> None:
     runner_cls._sample, runner_cls._bookkeeping_sync = _sample, _bookkeeping_sync
 
 
+# SamplingParams.extra_args["speculate"] values that switch speculation off for one request. On the
+# OpenAI API: {"vllm_xargs": {"speculate": "off"}} (vllm_xargs takes no booleans, hence the strings).
+SPECULATION_OFF: Final = ("off", "false", "no", "0")
+
+
+def speculation_opted_out(sampling_params: Any) -> bool:
+    value = (getattr(sampling_params, "extra_args", None) or {}).get("speculate", True)
+    return value is False or str(value).strip().lower() in SPECULATION_OFF
+
+
+def _per_request_opt_out(scheduler_cls: Any) -> None:
+    """Requests that opted out are scheduled without draft tokens, so the target verifies nothing for
+    them and their output is plain target decoding. (The drafter still drafts them with the batch;
+    only verification, i.e. the target's extra query rows, is saved.)"""
+    schedule = scheduler_cls.schedule
+
+    @functools.wraps(schedule)
+    def _schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.num_spec_tokens:
+            for request in self.running:
+                if request.spec_token_ids and speculation_opted_out(request.sampling_params):
+                    request.spec_token_ids = []
+        return schedule(self, *args, **kwargs)
+
+    scheduler_cls.schedule = _schedule
+
+
 def install() -> None:
     """Hook vLLM (re-entrant): check Tandem settings where the engine config is built, and make the
     model runner build a TandemProposer for Tandem checkpoints."""
@@ -280,6 +307,10 @@ def install() -> None:
 
         rejection_sampler.expand_batch_to_tokens = expand_batch_to_tokens
         _restore_rng_of_discarded_samples(gpu_model_runner.GPUModelRunner)
+
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    _per_request_opt_out(Scheduler)
 
     create_speculative_config._tandem_wrapped = True  # type: ignore[attr-defined]
     EngineArgs.create_speculative_config = create_speculative_config  # type: ignore[method-assign]

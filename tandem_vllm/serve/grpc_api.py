@@ -54,6 +54,8 @@ def sampling_params(s: Any) -> Any:
     from vllm.exceptions import VLLMValidationError
 
     kw: dict[str, Any] = {"max_tokens": s.max_tokens or DEFAULT_MAX_TOKENS, "stop": list(s.stop) or None}
+    if s.no_speculation:
+        kw["extra_args"] = {"speculate": "off"}  # read by the scheduler hook in decoding/vllm_glue.py
     for name in ("temperature", "top_p", "seed"):
         if s.HasField(name):
             kw[name] = getattr(s, name)

@@ -164,6 +164,19 @@ def test_seeded_sampling_survives_chunked_prefill_and_repeats(tandem_llm, prompt
     assert len({tuple(b) for b in batch}) > 1
 
 
+def test_a_request_can_opt_out_of_speculation(tandem_llm, prompts, target_alone):
+    """extra_args={"speculate": "off"}: no drafts are verified for it, and its output stays the target's."""
+    off = vllm.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, extra_args={"speculate": "off"})
+    on = vllm.SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    before = _spec_counters(tandem_llm)
+    outs = tandem_llm.generate(prompts[:4], [off] * 4, use_tqdm=False)
+    assert _spec_counters(tandem_llm)["num_drafts"] == before["num_drafts"]
+    assert [list(o.outputs[0].token_ids) for o in outs] == target_alone[:4]
+    mixed = tandem_llm.generate(prompts[4:8], [off, on, off, on], use_tqdm=False)
+    assert _spec_counters(tandem_llm)["num_drafts"] > before["num_drafts"]
+    assert [list(o.outputs[0].token_ids) for o in mixed] == target_alone[4:8]
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [

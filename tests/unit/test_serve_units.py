@@ -145,8 +145,12 @@ def test_grpc_sampling_options_map_to_vllm_and_bad_ones_are_invalid_argument():
 
     from tandem_vllm.serve import grpc_api as g
 
+    from tandem_vllm.decoding.vllm_glue import speculation_opted_out
+
     p = g.sampling_params(g.pb.SamplingOptions(temperature=0.0, seed=4, stop=["\n\n"]))
     assert p.max_tokens == g.DEFAULT_MAX_TOKENS and p.temperature == 0.0 and p.seed == 4 and p.stop == ["\n\n"]
+    assert not speculation_opted_out(p)
+    assert speculation_opted_out(g.sampling_params(g.pb.SamplingOptions(no_speculation=True)))
     for bad in (g.pb.SamplingOptions(temperature=-1), g.pb.SamplingOptions(top_p=0.0)):
         with pytest.raises(g.RpcError) as e:
             g.sampling_params(bad)

@@ -50,3 +50,14 @@ def test_an_unsupported_vllm_version_is_refused_by_name():
     with pytest.raises(TandemError, match="supports vLLM 0.32.x; this is vLLM 0.33.1"):
         vllm_glue.check_vllm_version("0.33.1")
     vllm_glue.check_vllm_version("0.32.0")
+
+
+@pytest.mark.parametrize(
+    ("extra_args", "off"),
+    [(None, False), ({}, False), ({"speculate": "on"}, False), ({"speculate": 1}, False),
+     ({"speculate": "off"}, True), ({"speculate": "False"}, True), ({"speculate": 0}, True), ({"speculate": False}, True)],
+)
+def test_per_request_opt_out_values(extra_args, off):
+    from types import SimpleNamespace
+
+    assert vllm_glue.speculation_opted_out(SimpleNamespace(extra_args=extra_args)) is off
