@@ -65,9 +65,10 @@ def _bench_engine(a: argparse.Namespace) -> None:
         kv_cache_memory_bytes=a.kv_cache_mib * 2**20, enforce_eager=True, seed=0,
     )
     cells = engine.run(target=a.target, tandem=a.tandem, baseline=a.baseline, prompts=prompts, batch_sizes=a.batch_sizes,
-                       max_tokens=a.max_tokens, k=a.k, fallback_batch_size=a.fallback_batch_size, engine_kwargs=engine_kwargs)
+                       max_tokens=a.max_tokens, k=a.k, fallback_batch_size=a.fallback_batch_size, engine_kwargs=engine_kwargs,
+                       repeat=a.repeat)
     meta = {"target": a.target, "tandem": a.tandem, "baseline": a.baseline, "prompts": len(prompts),
-            "max_tokens": a.max_tokens, "k": a.k, "engine": engine_kwargs}
+            "max_tokens": a.max_tokens, "k": a.k, "repeat": a.repeat, "engine": engine_kwargs}
     engine.write_json(cells, Path(a.json), meta)
     table = engine.markdown(cells)
     Path(a.json).with_suffix(".md").write_text(table)
@@ -216,6 +217,7 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
     be.add_argument("--fallback-batch-size", type=int, default=8,
                     help="adaptive row: stop speculating at this many running requests (0: no adaptive row)")
+    be.add_argument("--repeat", type=int, default=3, help="passes per cell; the median (by tokens/s) is reported")
     be.add_argument("--dtype", default="float32")
     be.add_argument("--max-model-len", type=int, default=1024)
     be.add_argument("--kv-cache-mib", type=int, default=512)

@@ -18,7 +18,7 @@ def test_bench_engine_reports_every_row_lossless(tmp_path, capsys):
     main([
         "bench", "engine", "--target", demo["target"], "--tandem", demo["tandem"], "--baseline", demo["baseline"],
         "--prompts", demo["heldout_prompts"], "--num-prompts", "3", "--batch-sizes", "1,2", "--max-tokens", "12",
-        "--fallback-batch-size", "2", "--kv-cache-mib", "128", "--json", str(out), "--plot", str(tmp_path / "e.png"),
+        "--repeat", "1", "--fallback-batch-size", "2", "--kv-cache-mib", "128", "--json", str(out), "--plot", str(tmp_path / "e.png"),
     ])
     report = json.loads(out.read_text())
     cells = report["cells"]

@@ -300,6 +300,23 @@ def test_grpc_without_the_key_is_unauthenticated_and_deadlines_hold(stub):
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+# ---------------------------------------------------------------- serving benchmark
+
+
+def test_bench_serve_against_the_running_app(app, tmp_path, capsys):
+    from tandem_vllm.cli import main
+    from tandem_vllm.demo.build import build
+
+    out = tmp_path / "serve.json"
+    main(["bench", "serve", "--url", app.http, "--api-key", KEY, "--prompts", build("ci", progress=False)["heldout_prompts"],
+          "--num-prompts", "4", "--concurrency", "1,2", "--max-tokens", "8", "--json", str(out),
+          "--plot", str(tmp_path / "s.png")])
+    cells = json.loads(out.read_text())["cells"]
+    assert [(c["path"], c["concurrency"]) for c in cells] == [("serve (HTTP)", 1), ("serve (HTTP)", 2)]
+    assert all(c["errors"] == 0 and c["tokens"] == 4 * 8 and c["tokens_per_s"] > 0 for c in cells)
+    assert "| serve (HTTP) | 2 |" in capsys.readouterr().out and (tmp_path / "s.png").stat().st_size > 0
+
+
 # ---------------------------------------------------------------- start-up refusals
 
 
