@@ -97,11 +97,24 @@ def _last_line(text: str) -> str:
 
 
 def stop() -> None:
-    """Graceful: Serve lets in-flight requests finish (graceful_shutdown_timeout_s), then stops."""
+    """Graceful: delete the app first, so its replicas drain (in-flight requests get up to
+    graceful_shutdown_timeout_s to finish; new ones are refused), then stop Serve and Ray.
+    serve.shutdown() alone tears the HTTP endpoints down at once and cuts in-flight streams off."""
     import ray
     from ray import serve
 
-    if ray.is_initialized():
+    from ray.serve.exceptions import RayServeException
+
+    if not ray.is_initialized():
+        return
+    try:
+        try:
+            running = APP_NAME in serve.status().applications
+        except RayServeException:  # Serve never started (e.g. the app was refused before deploying)
+            running = False
+        if running:
+            serve.delete(APP_NAME, _blocking=True)
+    finally:
         serve.shutdown()
         ray.shutdown()
 
