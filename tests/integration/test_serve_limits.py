@@ -70,6 +70,31 @@ def test_overflow_is_refused_over_http_and_grpc_and_the_rest_completes(app):
     assert _complete(app.http, 4)[0] == 200  # and it keeps serving
 
 
+def test_a_dead_engine_is_unavailable_until_serve_replaces_the_replica(app):
+    import grpc
+    import psutil
+
+    from tandem_vllm.serve.grpc_api import pb, pb_grpc
+
+    replica = next(p for p in psutil.process_iter(["cmdline"])
+                   if any("ServeReplica:tandem" in part for part in (p.info["cmdline"] or [])))
+    engine = next(c for c in replica.children(recursive=True) if "EngineCore" in " ".join(c.cmdline()))
+    engine.kill()
+    stub = pb_grpc.TandemGenerationStub(grpc.insecure_channel(app.grpc))
+    request = pb.CompleteRequest(prompt="x = ", sampling=pb.SamplingOptions(max_tokens=2))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Complete(request, timeout=60)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
+    deadline = time.monotonic() + 600
+    while True:  # Serve's health check sees the dead engine and starts a new replica
+        try:
+            assert stub.Complete(request, timeout=60).usage.completion_tokens >= 1
+            break
+        except grpc.RpcError:
+            assert time.monotonic() < deadline, "no healthy replica within 10 minutes"
+            time.sleep(2)
+
+
 def test_stopping_the_app_lets_an_in_flight_request_finish(app):
     from tandem_vllm.serve.launch import stop
 
