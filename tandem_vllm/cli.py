@@ -91,9 +91,9 @@ def _bench_serve(a: argparse.Namespace) -> None:
         config = config.model_copy(update={"api_key": a.api_key})
     compare = a.compare_engine if a.compare_engine is not None else a.url is None
     cells = bench.run(url=a.url, config=config, prompts=prompts, concurrencies=a.concurrency, max_tokens=a.max_tokens,
-                      model=a.model, compare_engine=compare)
+                      model=a.model, compare_engine=compare, repeat=a.repeat)
     meta = {"url": a.url or "started by the benchmark", "config": config.model_dump(exclude_none=True),
-            "prompts": len(prompts), "max_tokens": a.max_tokens}
+            "prompts": len(prompts), "max_tokens": a.max_tokens, "repeat": a.repeat}
     bench.write_json(cells, Path(a.json), meta)
     table = bench.markdown(cells)
     Path(a.json).with_suffix(".md").write_text(table)
@@ -238,6 +238,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-cache-memory-bytes", type=int)
     s.add_argument("--chat-template")
     s.add_argument("--api-key", help="require this bearer token (HTTP) / authorization metadata (gRPC)")
+    s.add_argument("--api-key-env", help="name of an environment variable holding the API key (kept out of the config)")
     s.add_argument("--max-request-bytes", type=int)
     s.add_argument("--max-n", type=int)
     s.add_argument("--num-replicas", type=int)
@@ -261,6 +262,7 @@ def parser() -> argparse.ArgumentParser:
     bs.add_argument("--num-prompts", type=int, default=32)
     bs.add_argument("--concurrency", type=_int_list, default=[1, 8, 32])
     bs.add_argument("--max-tokens", type=int, default=64)
+    bs.add_argument("--repeat", type=int, default=3, help="passes per cell; the median (by tokens/s) is reported")
     bs.add_argument("--model", help="model name to request (default: the first the server lists)")
     bs.add_argument("--api-key")
     bs.add_argument("--compare-engine", action=argparse.BooleanOptionalAction, default=None,

@@ -1,11 +1,12 @@
 """``tandem-vllm bench serve``: streaming clients against the HTTP API, and the same load on the bare engine.
 
-For each concurrency c, every prompt is sent once as a streaming /v1/completions request (greedy,
-``ignore_eos``, token ids returned per chunk) with c requests in flight. The same prompts then run
-through a bare vLLM ``AsyncLLM`` built from the same ServeConfig (same model, drafter, k, context
-and KV size), so ``overhead = 1 - serve tokens/s / engine tokens/s`` is the cost of Ray Serve + the
-HTTP layer. The server must be idle apart from this benchmark, and the bare engine runs after the
-served one is stopped when the benchmark started it itself.
+After a warm-up pass over every prompt, for each concurrency c every prompt is sent once as a
+streaming /v1/completions request (greedy, ``ignore_eos``, token ids returned per chunk) with c
+requests in flight. The same prompts then run through a bare vLLM ``AsyncLLM`` built from the same
+ServeConfig (same model, drafter, k, context and KV size). Each cell is the median of ``repeat``
+passes; ``overhead = 1 - serve tokens/s / engine tokens/s`` is the cost of Ray Serve + the HTTP
+layer. The server must be idle apart from this benchmark; when the benchmark started the app itself,
+the bare engine runs after the app is stopped.
 """
 
 from __future__ import annotations
@@ -63,8 +64,17 @@ def _cell(path: str, concurrency: int, raw: list[Any], seconds: float) -> Cell:
                 **latency_summary(ok, seconds))  # type: ignore[arg-type]
 
 
+async def _median_cell(path: str, one: Any, prompts: list[str], concurrency: int, repeat: int) -> Cell:
+    """The median (by tokens/s) of `repeat` closed-loop passes."""
+    cells = []
+    for _ in range(repeat):
+        raw, seconds = await closed_loop(one, prompts, concurrency)
+        cells.append(_cell(path, concurrency, raw, seconds))
+    return sorted(cells, key=lambda c: c.tokens_per_s)[len(cells) // 2]
+
+
 async def bench_http(url: str, prompts: list[str], concurrencies: list[int], max_tokens: int,
-                     api_key: str | None, model: str | None) -> list[Cell]:
+                     api_key: str | None, model: str | None, repeat: int = 1) -> list[Cell]:
     import openai
 
     client = openai.AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key or "none", max_retries=0,
@@ -78,16 +88,14 @@ async def bench_http(url: str, prompts: list[str], concurrencies: list[int], max
     async def one(prompt: str) -> Streamed:
         return await measure(_http_stream(client, model, prompt, max_tokens))
 
-    await closed_loop(one, prompts[:2], 2)  # warm-up
-    cells = []
-    for c in concurrencies:
-        raw, seconds = await closed_loop(one, prompts, c)
-        cells.append(_cell("serve (HTTP)", c, raw, seconds))
+    await closed_loop(one, prompts, max(concurrencies))  # warm-up: every prompt prefix-cached, like the engine's
+    cells = [await _median_cell("serve (HTTP)", one, prompts, c, repeat) for c in concurrencies]
     await client.close()
     return cells
 
 
-async def bench_engine(cfg: ServeConfig, prompts: list[str], concurrencies: list[int], max_tokens: int) -> list[Cell]:
+async def bench_engine(cfg: ServeConfig, prompts: list[str], concurrencies: list[int], max_tokens: int,
+                       repeat: int = 1) -> list[Cell]:
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
@@ -103,18 +111,14 @@ async def bench_engine(cfg: ServeConfig, prompts: list[str], concurrencies: list
         return await measure(_engine_stream(engine, prompt, params))
 
     try:
-        await closed_loop(one, prompts[:2], 2)
-        cells = []
-        for c in concurrencies:
-            raw, seconds = await closed_loop(one, prompts, c)
-            cells.append(_cell("bare engine", c, raw, seconds))
-        return cells
+        await closed_loop(one, prompts, max(concurrencies))
+        return [await _median_cell("bare engine", one, prompts, c, repeat) for c in concurrencies]
     finally:
         engine.shutdown()
 
 
 def run(*, url: str | None, config: ServeConfig, prompts: list[str], concurrencies: list[int], max_tokens: int,
-        model: str | None, compare_engine: bool) -> list[Cell]:
+        model: str | None, compare_engine: bool, repeat: int = 1) -> list[Cell]:
     """Serve cells (starting and stopping the app when no url is given), then bare-engine cells."""
     if not prompts:
         raise TandemError('the prompts file is empty; pass a JSONL file with one {"prompt": ...} per line')
@@ -126,14 +130,14 @@ def run(*, url: str | None, config: ServeConfig, prompts: list[str], concurrenci
     if owned:
         url = start(cfg, host="127.0.0.1", port=free_port(), grpc_port=free_port(), timeout_s=900).http
     try:
-        cells = asyncio.run(bench_http(url, prompts, concurrencies, max_tokens, cfg.api_key, model))
+        cells = asyncio.run(bench_http(url, prompts, concurrencies, max_tokens, cfg.api_key, model, repeat))
     finally:
         if owned:
             stop()
     bar.update(1)
     if compare_engine:
         gc.collect()
-        bare = asyncio.run(bench_engine(cfg, prompts, concurrencies, max_tokens))
+        bare = asyncio.run(bench_engine(cfg, prompts, concurrencies, max_tokens, repeat))
         by_c = {c.concurrency: c for c in bare}
         for c in cells:
             if by_c[c.concurrency].tokens_per_s:

@@ -51,15 +51,15 @@ class TandemServer:
         from vllm.v1.engine.async_llm import AsyncLLM
         from starlette.datastructures import State
 
-        from tandem_vllm.serve.stats import SpecStatsLogger
+        from tandem_vllm.serve.stats import stat_loggers
 
         _log_to_stderr()
-        self.cfg = ServeConfig.model_validate(config)
+        self.cfg = ServeConfig.model_validate(config).with_env_secrets()
         argv = self.cfg.vllm_cli(on_cpu=current_platform.is_cpu())
         self.args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
         validate_parsed_serve_args(self.args)
         engine_args = AsyncEngineArgs.from_cli_args(self.args)
-        self.engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=[SpecStatsLogger])
+        self.engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=stat_loggers(self.cfg.ray_metrics))
         self.supported_tasks = await self.engine.get_supported_tasks()
         self.state = State()
         await init_app_state(self.engine, self.state, self.args, supported_tasks=self.supported_tasks)

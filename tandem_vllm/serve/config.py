@@ -8,6 +8,7 @@ can also be passed through ``vllm_args``. Replica and proxy settings are Ray Ser
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,14 @@ class ServeConfig(BaseModel):
                                       "whose tokenizer has none.")
     api_key: str | None = Field(None, description="Require `Authorization: Bearer <key>` on /v1 HTTP "
                                 "routes and the same `authorization` metadata on gRPC.")
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Name of an "
+                                    "environment variable that holds the API key on the replicas (e.g. set "
+                                    "from a Kubernetes Secret), so the key never appears in the config.")
     vllm_args: list[str] = Field(default_factory=list, description="Further `vllm serve` flags, passed "
                                  "through to vLLM's own parser, e.g. ['--enable-prefix-caching'].")
+    ray_metrics: bool = Field(False, description="Also export vLLM's metrics and tau through Ray's metrics "
+                              "agent (each Ray node's metrics port, one series per replica), for a cluster's "
+                              "Prometheus; /metrics on the HTTP API answers for one replica per scrape.")
     # --- request limits ---
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest HTTP request body accepted (413 above).")
     max_n: int = Field(8, ge=1, description="Largest `n` (completions per request) accepted.")
@@ -86,7 +93,19 @@ class ServeConfig(BaseModel):
             raise ValueError("give either drafter or speculative_config, not both")
         if self.no_speculation and (self.drafter or self.speculative_config):
             raise ValueError("no_speculation contradicts the drafter / speculative_config also given")
+        if self.api_key and self.api_key_env:
+            raise ValueError("give either api_key or api_key_env, not both")
         return self
+
+    def with_env_secrets(self) -> ServeConfig:
+        """``api_key_env`` read from this process's environment into ``api_key`` (on the replica)."""
+        if not self.api_key_env:
+            return self
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise TandemError(f"api_key_env={self.api_key_env}: that environment variable is not set (or empty) "
+                              f"on this replica; set it on every Ray node (the Helm chart sets it from a Secret)")
+        return self.model_copy(update={"api_key": key, "api_key_env": None})
 
     @classmethod
     def parse(cls, data: dict[str, Any]) -> ServeConfig:

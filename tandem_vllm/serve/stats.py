@@ -29,6 +29,8 @@ class SpecTotals:
 _TOTALS = SpecTotals()
 _LOCK = threading.Lock()
 _GAUGE: Any = None
+_RAY_GAUGE: Any = None
+TAU_HELP = "Mean tokens emitted per target forward pass (tau) since the replica started."
 
 
 def totals() -> SpecTotals:
@@ -44,10 +46,37 @@ def _tau_gauge() -> Any:
 
         _GAUGE = prometheus_client.Gauge(
             "tandem:spec_decode_mean_acceptance_length",
-            "Mean tokens emitted per target forward pass (tau) since the replica started.",
+            TAU_HELP,
             ["model_name"],
         )
     return _GAUGE
+
+
+def _ray_tau_gauge() -> Any:
+    """tau through Ray's metrics agent too (Prometheus names allow no ':' there)."""
+    global _RAY_GAUGE
+    if _RAY_GAUGE is None:
+        from ray.util import metrics
+
+        _RAY_GAUGE = metrics.Gauge("tandem_spec_decode_mean_acceptance_length", TAU_HELP, tag_keys=("model_name",))
+    return _RAY_GAUGE
+
+
+def stat_loggers(ray_metrics: bool) -> list[Any]:
+    """The vLLM stat loggers a replica's engine gets.
+
+    With ``ray_metrics`` vLLM's metrics are also recorded through Ray's metrics agent (every Ray node
+    exports them on its metrics port, tagged by replica, which is what a cluster's Prometheus
+    scrapes). vLLM drops its default Prometheus logger once any Prometheus logger is passed, so
+    it is passed explicitly, after Ray's: its constructor re-registers the ``vllm:`` collectors that
+    serve /metrics.
+    """
+    if not ray_metrics:
+        return [SpecStatsLogger]
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+    from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+    return [RaySpecStatsLogger, RayPrometheusStatLogger, PrometheusStatLogger]
 
 
 class SpecStatsLogger(StatLoggerBase):
@@ -71,3 +100,17 @@ class SpecStatsLogger(StatLoggerBase):
 
     def log_engine_initialized(self) -> None:
         pass
+
+
+class RaySpecStatsLogger(SpecStatsLogger):
+    """SpecStatsLogger that also publishes tau through Ray's metrics agent."""
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0):
+        super().__init__(vllm_config, engine_index)
+        self.ray_gauge = _ray_tau_gauge()
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+               engine_idx: int = 0) -> None:
+        super().record(scheduler_stats, iteration_stats, mm_cache_stats, engine_idx)
+        if getattr(scheduler_stats, "spec_decoding_stats", None) is not None:
+            self.ray_gauge.set(totals().mean_acceptance_length, tags={"model_name": self.model_name})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import socket
 import time
@@ -31,8 +32,11 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 def app():
     from tandem_vllm.serve.launch import free_port, start, stop
 
-    cfg = {"api_key": KEY, "max_n": MAX_N, "max_request_bytes": 64 * 1024, "graceful_shutdown_timeout_s": 5,
-           "kv_cache_memory_bytes": 256 * 2**20}
+    # The key reaches the replicas through the environment (as the Helm chart passes a Secret), and
+    # vLLM's metrics also go to Ray's metrics agent (as the chart configures): /metrics must not change.
+    os.environ["TANDEM_TEST_API_KEY"] = KEY
+    cfg = {"api_key_env": "TANDEM_TEST_API_KEY", "ray_metrics": True, "max_n": MAX_N,
+           "max_request_bytes": 64 * 1024, "graceful_shutdown_timeout_s": 5, "kv_cache_memory_bytes": 256 * 2**20}
     try:
         yield start(cfg, host="127.0.0.1", port=free_port(), grpc_port=free_port(), timeout_s=900,
                     log_json=False)
@@ -309,7 +313,7 @@ def test_bench_serve_against_the_running_app(app, tmp_path, capsys):
 
     out = tmp_path / "serve.json"
     main(["bench", "serve", "--url", app.http, "--api-key", KEY, "--prompts", build("ci", progress=False)["heldout_prompts"],
-          "--num-prompts", "4", "--concurrency", "1,2", "--max-tokens", "8", "--json", str(out),
+          "--num-prompts", "4", "--concurrency", "1,2", "--max-tokens", "8", "--repeat", "1", "--json", str(out),
           "--plot", str(tmp_path / "s.png")])
     cells = json.loads(out.read_text())["cells"]
     assert [(c["path"], c["concurrency"]) for c in cells] == [("serve (HTTP)", 1), ("serve (HTTP)", 2)]

@@ -39,6 +39,8 @@ def test_config_builds_the_vllm_serve_command_line():
         ({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "exceeds max_replicas"),
         ({"modle": "/m"}, "modle: Extra inputs are not permitted"),
         ({"max_n": "many"}, "max_n"),
+        ({"api_key": "k", "api_key_env": "KEY"}, "either api_key or api_key_env"),
+        ({"api_key_env": "not a name"}, "api_key_env"),
     ],
 )
 def test_bad_config_is_one_readable_error(data, fragment):
@@ -46,6 +48,33 @@ def test_bad_config_is_one_readable_error(data, fragment):
         ServeConfig.parse(data)
     assert fragment in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_api_key_env_is_read_on_the_replica_and_a_missing_one_is_named(monkeypatch):
+    cfg = ServeConfig.parse({"model": "/m", "api_key_env": "TANDEM_UNIT_KEY"})
+    assert "--api-key" not in cfg.vllm_cli(on_cpu=True)  # the config itself never holds the key
+    monkeypatch.delenv("TANDEM_UNIT_KEY", raising=False)
+    with pytest.raises(TandemError, match="api_key_env=TANDEM_UNIT_KEY: that environment variable is not set"):
+        cfg.with_env_secrets()
+    monkeypatch.setenv("TANDEM_UNIT_KEY", "s3cret")
+    live = cfg.with_env_secrets()
+    assert live.api_key == "s3cret" and live.api_key_env is None
+    argv = live.vllm_cli(on_cpu=True)
+    assert argv[argv.index("--api-key") + 1] == "s3cret"
+    assert ServeConfig.parse({"model": "/m"}).with_env_secrets().api_key is None
+
+
+def test_ray_metrics_keeps_vllms_own_prometheus_logger_last():
+    pytest.importorskip("vllm")
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+    from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+    from tandem_vllm.serve.stats import RaySpecStatsLogger, SpecStatsLogger, stat_loggers
+
+    assert stat_loggers(False) == [SpecStatsLogger]
+    # Prometheus' constructor unregisters and re-registers the vllm: collectors behind /metrics; Ray's
+    # inherits that constructor, so the plain one must come after it.
+    assert stat_loggers(True) == [RaySpecStatsLogger, RayPrometheusStatLogger, PrometheusStatLogger]
 
 
 def test_replica_options_follow_the_config():
