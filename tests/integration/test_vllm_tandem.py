@@ -177,6 +177,34 @@ def test_a_request_can_opt_out_of_speculation(tandem_llm, prompts, target_alone)
     assert [list(o.outputs[0].token_ids) for o in mixed] == target_alone[4:8]
 
 
+def _tau(llm, prompts) -> tuple[list[list[int]], float]:
+    before = _spec_counters(llm)
+    out = _greedy(llm, prompts, 16)
+    after = _spec_counters(llm)
+    drafts, accepted = (float(after[k] - before.get(k, 0)) for k in ("num_drafts", "num_accepted_tokens"))
+    return out, 1 + accepted / drafts
+
+
+def test_preempted_requests_are_recomputed_with_their_drafter_context(demo, prompts, target_alone, tandem_llm):
+    """A KV pool too small for the batch: vLLM preempts requests and recomputes them later, which must
+    rewrite the drafter's context K/V from the target's states. Output stays the target's (verification
+    guarantees that much), and tau stays that of an engine that never preempts (a drafter attending to
+    stale or empty context would propose worse tokens)."""
+    _, tau_roomy = _tau(tandem_llm, prompts[:16])
+    # 6 MiB = 768 tokens (the module's pool is 16,384 tokens in 128 MiB) shared by 16 requests of 145-256
+    # tokens: only a few fit at once.
+    llm = vllm.LLM(model=demo["target"], speculative_config={"model": demo["tandem"], "num_speculative_tokens": K},
+                   **{**ENGINE, "kv_cache_memory_bytes": 6 * 2**20})
+    try:
+        got, tau_tight = _tau(llm, prompts[:16])
+        preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+    finally:
+        _shutdown(llm)
+    assert preemptions > 0, "the pool was large enough: nothing was preempted"
+    assert got == target_alone[:16]
+    assert abs(tau_tight - tau_roomy) <= 0.03 * tau_roomy, (tau_tight, tau_roomy)
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [
