@@ -20,6 +20,7 @@ from torch import Tensor
 
 from tandem_vllm.errors import TandemError
 from tandem_vllm.modeling.reference import DrafterCache, TandemDrafter
+from tandem_vllm.modeling.router import Router
 from tandem_vllm.modeling.target import CausalLMRunner, StepOutput
 
 
@@ -55,17 +56,27 @@ def sample(probs: Tensor, gen: torch.Generator) -> Tensor:
     return torch.multinomial(flat, 1, generator=gen).reshape(probs.shape[:-1])
 
 
-def verify(drafts: Tensor, p: Tensor, q: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+def verify(
+    drafts: Tensor, p: Tensor, q: Tensor, gen: torch.Generator, lengths: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Speculative sampling. drafts (B,K) drawn from p (B,K,V); q (B,K+1,V) the target's.
 
     Returns (n_accepted (B,), next_token (B,)): the accepted prefix length and the token that
     follows it -- drawn from the residual (q - p)+ at the first rejection, else from q[K] (bonus).
+    With ``lengths`` (B,), row i proposed only its first lengths[i] drafts (the router stopped it):
+    it is verified as a block of that length, with the bonus token drawn from q[lengths[i]].
     """
     b, k = drafts.shape
+    live = None
+    if lengths is not None:
+        live = torch.arange(k, device=p.device)[None] < lengths[:, None]  # (B, K)
+        p = p * live[..., None]  # zero rows past a row's length: the residual there is q itself
     p_d = p.gather(-1, drafts[..., None])[..., 0]  # (B, K) drafter prob of each draft
     q_d = q[:, :k].gather(-1, drafts[..., None])[..., 0]  # (B, K) target prob of each draft
     u = torch.rand(p_d.shape, generator=gen, device=p.device)
     ok = u * p_d < q_d  # accept with probability min(1, q/p); strict so q = 0 never accepts
+    if live is not None:
+        ok &= live
     n_acc = ok.long().cumprod(1).sum(1)  # (B,)
     rows = torch.arange(b, device=p.device)
     q_n = q[rows, n_acc]  # (B, V)
@@ -80,7 +91,10 @@ class Proposer(Protocol):
 
     def propose(
         self, last: Tensor, positions: Tensor, k: int, s: Sampling, gen: torch.Generator
-    ) -> tuple[Tensor, Tensor]: ...
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Drafts (B, K'), their distributions (B, K', V) with K' <= k, and how many of each row's
+        drafts to verify (B,), or None for all K'."""
+        ...
 
     def observe(self, block: Tensor, keep: Tensor, target_out: StepOutput) -> None: ...
 
@@ -113,7 +127,7 @@ class DraftModelProposer:
             probs.append(p)
             if i < k - 1:
                 logits = self.runner.forward(d[:, None]).logits[:, -1]
-        return torch.stack(drafts, 1), torch.stack(probs, 1)
+        return torch.stack(drafts, 1), torch.stack(probs, 1), None
 
     def observe(self, block: Tensor, keep: Tensor, target_out: StepOutput) -> None:
         k = block.shape[1] - 1
@@ -122,10 +136,15 @@ class DraftModelProposer:
 
 
 class TandemProposer:
-    """Tandem's drafter: context K/V come from the target's hidden states of every processed token."""
+    """Tandem's drafter: context K/V come from the target's hidden states of every processed token.
 
-    def __init__(self, drafter: TandemDrafter) -> None:
+    With a ``router`` (adaptive block length) a row stops drafting at the first position the router
+    predicts the target would reject; the batch stops once every row has.
+    """
+
+    def __init__(self, drafter: TandemDrafter, router: Router | None = None) -> None:
         self.drafter = drafter
+        self.router = router
         self.cache: DrafterCache | None = None
 
     def prefill(self, tokens: Tensor, valid: Tensor, target_out: StepOutput) -> None:
@@ -140,15 +159,23 @@ class TandemProposer:
     @torch.no_grad()
     def propose(
         self, last: Tensor, positions: Tensor, k: int, s: Sampling, gen: torch.Generator
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         assert self.cache is not None
         tok, pos, drafts, probs = last, positions, [], []
-        for _ in range(k):
-            p = to_probs(self.drafter.step(self.cache, tok[:, None], pos[:, None])[:, -1], s)
+        lengths = torch.zeros_like(last) if self.router is not None else None
+        for i in range(k):
+            logits = self.drafter.step(self.cache, tok[:, None], pos[:, None])[:, -1]
+            if lengths is not None and self.router is not None:
+                go = self.router.accept_prob(logits, self.drafter.model.embed_tokens.weight) >= self.router.cfg.threshold
+                go = (lengths == i) & (go | (i == 0))  # still drafting, and the router says continue
+                if not go.any():
+                    break
+                lengths += go.long()
+            p = to_probs(logits, s)
             tok, pos = sample(p, gen), pos + 1
             drafts.append(tok)
             probs.append(p)
-        return torch.stack(drafts, 1), torch.stack(probs, 1)
+        return torch.stack(drafts, 1), torch.stack(probs, 1), lengths
 
     def observe(self, block: Tensor, keep: Tensor, target_out: StepOutput) -> None:
         # The verification pass's hidden states of the kept tokens become context (rewriting the
@@ -240,17 +267,20 @@ def generate(
             n_acc = torch.zeros_like(last)
             nxt = sample(to_probs(runner.forward(block).logits[:, -1], sampling), gen)
         else:
-            drafts, p = proposer.propose(last, runner.next_pos, k, sampling, gen)  # (B,K), (B,K,V)
-            block = torch.cat([last[:, None], drafts], dim=1)  # (B, K+1)
+            drafts, p, lengths = proposer.propose(last, runner.next_pos, k, sampling, gen)  # (B,K'), (B,K',V)
+            kk = drafts.shape[1]
+            block = torch.cat([last[:, None], drafts], dim=1)  # (B, K'+1)
             tout = runner.forward(block)
-            q = to_probs(tout.logits, sampling)  # (B, K+1, V)
+            q = to_probs(tout.logits, sampling)  # (B, K'+1, V)
             if mode == "standalone":
-                n_acc, nxt = torch.full_like(last, k), sample(q[:, k], gen)
+                n_acc, nxt = torch.full_like(last, kk), sample(q[:, kk], gen)
+                lengths = None
             else:
-                n_acc, nxt = verify(drafts, p, q, gen)
-            keep = torch.arange(k + 1, device=device)[None] <= n_acc[:, None]
+                n_acc, nxt = verify(drafts, p, q, gen, lengths)
+            keep = torch.arange(kk + 1, device=device)[None] <= n_acc[:, None]
             runner.reject(keep)
             proposer.observe(block, keep, tout)
+        proposed = lengths.tolist() if proposer is not None and lengths is not None else [drafts.shape[1]] * len(outs)
         for i, (d, n, t) in enumerate(zip(drafts.tolist(), n_acc.tolist(), nxt.tolist())):
             if done[i]:
                 continue
@@ -258,7 +288,7 @@ def generate(
             before = len(outs[i])
             outs[i] = _truncate(outs[i] + new, max_new_tokens, eos_token_id)
             stats.target_passes += 1
-            stats.drafted += k
+            stats.drafted += proposed[i]
             stats.accepted += n
             stats.emitted += len(outs[i]) - before
             for j in range(n):

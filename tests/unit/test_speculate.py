@@ -166,7 +166,7 @@ def test_chi_square_check_catches_blind_acceptance(tiny_vocab_pair, monkeypatch)
     """The exactness test has power: accepting every draft yields the drafter's distribution."""
     target, draft_lm = tiny_vocab_pair
 
-    def accept_all(drafts, p, q, gen):
+    def accept_all(drafts, p, q, gen, lengths=None):
         return torch.full((drafts.shape[0],), drafts.shape[1]), speculate.sample(q[:, -1], gen)
 
     monkeypatch.setattr(speculate, "verify", accept_all)
