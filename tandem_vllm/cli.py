@@ -76,8 +76,9 @@ def _bench_engine(a: argparse.Namespace) -> None:
     )
     cells = engine.run(target=a.target, tandem=a.tandem, baseline=a.baseline, prompts=prompts, batch_sizes=a.batch_sizes,
                        max_tokens=a.max_tokens, k=a.k, fallback_batch_size=a.fallback_batch_size, engine_kwargs=engine_kwargs,
-                       repeat=a.repeat)
-    meta = {"target": a.target, "tandem": a.tandem, "baseline": a.baseline, "prompts": len(prompts),
+                       repeat=a.repeat, tandem_router=a.tandem_router)
+    meta = {"target": a.target, "tandem": a.tandem, "tandem_router": a.tandem_router, "baseline": a.baseline,
+            "prompts": len(prompts),
             "max_tokens": a.max_tokens, "k": a.k, "repeat": a.repeat, "engine": engine_kwargs}
     engine.write_json(cells, Path(a.json), meta)
     table = engine.markdown(cells)
@@ -238,6 +239,8 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--target", required=True)
     be.add_argument("--tandem", required=True, help="Tandem drafter directory")
     be.add_argument("--baseline", help="standalone drafter directory (the SPEED row)")
+    be.add_argument("--tandem-router", help="the Tandem drafter with a router (`train-router --out`): adds a router "
+                                            "row and makes the adaptive row use it")
     be.add_argument("--prompts", required=True, help='JSONL, one {"prompt": ...} per line')
     be.add_argument("--num-prompts", type=int, default=32)
     be.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 16])

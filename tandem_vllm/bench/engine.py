@@ -58,18 +58,26 @@ class Cell:
     outputs: list[list[int]] = field(default_factory=list, repr=False)
 
 
-def rows_for(*, tandem: str, baseline: str | None, k: int, fallback_batch_size: int | None) -> list[Row]:
+def rows_for(
+    *, tandem: str, baseline: str | None, k: int, fallback_batch_size: int | None, tandem_router: str | None = None
+) -> list[Row]:
+    """The rows of one run. The adaptive row is the batch-size fallback, plus the learned router
+    (``tandem_router``: a drafter directory from ``train-router``) when one is given."""
     rows = [Row("target alone", None)]
     if baseline:
         rows.append(Row(f"SPEED (standalone drafter, k={k})", {"model": baseline, "num_speculative_tokens": k}))
     rows.append(Row(f"Tandem+SPEED (k={k})", {"model": tandem, "num_speculative_tokens": k}))
+    if tandem_router:
+        rows.append(Row(f"Tandem+SPEED router (k<={k})", {"model": tandem_router, "num_speculative_tokens": k}))
     if fallback_batch_size:
         # vLLM's dynamic-K schedule: draft k tokens below the threshold, none at or above it.
         schedule = [(1, fallback_batch_size - 1, k), (fallback_batch_size, 1 << 20, 0)]
+        how = f"router, k<={k}" if tandem_router else f"k={k}"
         rows.append(
             Row(
-                f"Tandem+SPEED adaptive (k={k}, off at batch >= {fallback_batch_size})",
-                {"model": tandem, "num_speculative_tokens": k, "num_speculative_tokens_per_batch_size": schedule},
+                f"Tandem+SPEED adaptive ({how}, off at batch >= {fallback_batch_size})",
+                {"model": tandem_router or tandem, "num_speculative_tokens": k,
+                 "num_speculative_tokens_per_batch_size": schedule},
             )
         )
     return rows
@@ -158,10 +166,12 @@ def run(
     fallback_batch_size: int | None,
     engine_kwargs: dict[str, Any],
     repeat: int = 3,
+    tandem_router: str | None = None,
 ) -> list[Cell]:
     if not prompts:
         raise TandemError("the prompts file is empty; pass a JSONL file with one {\"prompt\": ...} per line")
-    rows = rows_for(tandem=tandem, baseline=baseline, k=k, fallback_batch_size=fallback_batch_size)
+    rows = rows_for(tandem=tandem, baseline=baseline, k=k, fallback_batch_size=fallback_batch_size,
+                    tandem_router=tandem_router)
     cells: list[Cell] = []
     bar = progress_bar(total=len(rows), desc="engine rows", unit="row")
     for row in rows:

@@ -18,11 +18,20 @@ so the paged cache holds context K/V for every verified position -- overwriting 
 K/V from the previous step's drafting at accepted positions -- and own K/V for the current block.
 The remaining k-1 drafting passes are vLLM's unchanged autoregressive loop. Acceptance is vLLM's
 rejection sampler's, so greedy output is the target's and sampling keeps the target's distribution.
+
+Adaptive block length: a drafter directory with a router (``tandem-vllm train-router``) makes the
+proposer score each drafting pass's logits; each request's drafts are cut at the first position the
+router predicts the target would reject, when the runner hands drafts to the scheduler
+(``take_draft_token_ids``), so the next step verifies -- and the target computes -- only the kept
+ones. That hand-over exists with synchronous scheduling (always on CPU; ``--no-async-scheduling``
+on GPU); with asynchronous scheduling vLLM verifies drafts it never hands over, and the router is
+left off with a warning.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 from typing import Any, Final
 
@@ -44,9 +53,11 @@ from tandem_vllm.config import (
     target_identity,
 )
 from tandem_vllm.errors import TandemError
+from tandem_vllm.modeling.router import Router, draft_lengths
 from tandem_vllm.modeling.vllm_drafter import TandemContext
 
 SUPPORTED_VLLM: Final = "0.32."
+logger = logging.getLogger("tandem_vllm")
 
 
 def check_vllm_version(version: str = vllm.__version__) -> None:
@@ -111,6 +122,12 @@ class TandemProposer(DraftModelProposer):
         # concatenation, in ascending layer order, is what ``propose`` receives as target_hidden_states.
         self.draft_model_config.hf_config.eagle_aux_hidden_state_layer_ids = sorted(set(self.tandem.tap_layers))
         self._context: TandemContext | None = None
+        self.router = Router.load(spec.draft_model_config.model, device=device)
+        if self.router is not None and vllm_config.scheduler_config.async_scheduling:
+            logger.warning("the drafter's router is off: asynchronous scheduling verifies drafts before they can be "
+                           "cut; pass --no-async-scheduling to draft adaptively")
+            self.router = None
+        self.kept_lengths: list[int] | None = None  # per batch row, set by propose() when the router cut drafts
 
     def load_model(self, target_model: torch.nn.Module) -> None:
         super().load_model(target_model)
@@ -122,6 +139,31 @@ class TandemProposer(DraftModelProposer):
         language_model = getattr(target_model, "get_language_model", lambda: target_model)()
         norm = language_model.model.norm
         self.model.model.bind_target_norm(norm.weight, norm.variance_epsilon)
+
+    def propose(self, *args: Any, **kwargs: Any) -> Any:
+        """vLLM's drafting, with the router scoring every pass's logits when the drafter has one."""
+        self.kept_lengths = None
+        if self.router is None:
+            return super().propose(*args, **kwargs)
+        seen: list[Tensor] = []
+        compute_logits = self.model.compute_logits
+
+        def scored(hidden_states: Tensor) -> Tensor:
+            logits = compute_logits(hidden_states)
+            seen.append(logits)
+            return logits
+
+        self.model.compute_logits = scored  # an instance attribute, removed below
+        try:
+            drafts = super().propose(*args, **kwargs)
+        finally:
+            del self.model.compute_logits
+        k = drafts.shape[1] if drafts.dim() == 2 else 0
+        if k > 1 and len(seen) == k and all(t.shape[0] == drafts.shape[0] for t in seen):
+            embed = self.model.model.embed_tokens.weight
+            prob = torch.stack([self.router.accept_prob(t, embed) for t in seen], dim=1)  # (B, k)
+            self.kept_lengths = draft_lengths(prob, self.router.cfg.threshold).tolist()
+        return drafts
 
     def initialize_cudagraph_keys(self, cudagraph_mode: CUDAGraphMode) -> None:
         # The first pass carries a TandemContext that CUDA graphs cannot capture: draft eagerly.
@@ -260,6 +302,26 @@ def _per_request_opt_out(scheduler_cls: Any) -> None:
     scheduler_cls.schedule = _schedule
 
 
+def _cut_drafts_where_the_router_stops(runner_cls: Any) -> None:
+    """Drafts leave the runner for the scheduler here (synchronous scheduling): keep each request's
+    first ``kept_lengths[row]``; the scheduler then verifies only those."""
+    take = runner_cls.take_draft_token_ids
+
+    @functools.wraps(take)
+    def take_draft_token_ids(self: Any) -> Any:
+        out = take(self)
+        drafter = getattr(self, "drafter", None)
+        kept = getattr(drafter, "kept_lengths", None)
+        if out is None or kept is None:
+            return out
+        drafter.kept_lengths = None
+        if len(kept) == len(out.draft_token_ids):
+            out.draft_token_ids = [ids[:n] for ids, n in zip(out.draft_token_ids, kept)]
+        return out
+
+    runner_cls.take_draft_token_ids = take_draft_token_ids
+
+
 def install() -> None:
     """Hook vLLM (re-entrant): check Tandem settings where the engine config is built, and make the
     model runner build a TandemProposer for Tandem checkpoints."""
@@ -311,6 +373,7 @@ def install() -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
 
     _per_request_opt_out(Scheduler)
+    _cut_drafts_where_the_router_stops(gpu_model_runner.GPUModelRunner)
 
     create_speculative_config._tandem_wrapped = True  # type: ignore[attr-defined]
     EngineArgs.create_speculative_config = create_speculative_config  # type: ignore[method-assign]

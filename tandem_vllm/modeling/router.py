@@ -6,8 +6,10 @@ top-k tokens -- and predicts the probability that the target will accept the tok
 request stops at the first position predicted below ``threshold``: the target then verifies a
 shorter block, and the drafter runs fewer steps.
 
-A router is trained per drafter (``tandem-vllm train-router``) and lives next to the drafter's
-weights: a drafter directory holding ``router.json`` + ``router.safetensors`` drafts adaptively.
+A router is trained per drafter (``tandem-vllm train-router``) and lives inside the drafter's
+directory, in ``router/`` (``router.json`` + ``router.safetensors``; a sub-directory, so loaders that
+read every ``*.safetensors`` of a model directory, as vLLM's does, never see it). A drafter
+directory with a router drafts adaptively.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 
 from tandem_vllm.errors import TandemError
 
+ROUTER_DIR = "router"
 ROUTER_CONFIG = "router.json"
 ROUTER_WEIGHTS = "router.safetensors"
 
@@ -68,21 +71,23 @@ class Router(nn.Module):
         return torch.sigmoid(self(self.features(logits, embed_weight)))
 
     # ---- checkpoints -------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> None:
+    def save(self, drafter_dir: str | Path) -> None:
+        """Into ``<drafter_dir>/router/``."""
         from safetensors.torch import save_file
 
-        directory = Path(directory)
+        directory = Path(drafter_dir) / ROUTER_DIR
+        directory.mkdir(parents=True, exist_ok=True)
         (directory / ROUTER_CONFIG).write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
                   str(directory / ROUTER_WEIGHTS), metadata={"format": "pt"})
 
     @classmethod
-    def load(cls, directory: str | Path, *, device: torch.device | str = "cpu") -> Router | None:
+    def load(cls, drafter_dir: str | Path, *, device: torch.device | str = "cpu") -> Router | None:
         """The router stored with a drafter, or None when the drafter has none."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        directory = Path(directory)
+        directory = Path(drafter_dir) / ROUTER_DIR
         if not (directory / ROUTER_CONFIG).is_file():
             return None
         try:
@@ -91,7 +96,7 @@ class Router(nn.Module):
             router.load_state_dict(load_file(str(directory / ROUTER_WEIGHTS)))
         except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as e:
             raise TandemError(f"{directory}: the router files are unreadable ({str(e).splitlines()[0]}); "
-                              f"retrain it with `tandem-vllm train-router` or delete {ROUTER_CONFIG}") from None
+                              f"retrain it with `tandem-vllm train-router` or delete {directory}") from None
         return router.to(device).eval()
 
 

@@ -6,7 +6,7 @@ drafts of one speculative step), and each position is labelled 1 when the drafte
 equals the target's -- the token the target would accept. The router (2-layer MLP on the drafter's
 entropy, top-k probabilities and top-k token embeddings) is fitted to those labels with binary
 cross-entropy. The output directory is a complete drafter checkpoint (the drafter's files, linked
-or copied) plus ``router.json`` / ``router.safetensors``, so pointing vLLM or the reference decoders
+or copied) plus ``router/``, so pointing vLLM or the reference decoders
 at it turns adaptive drafting on while the original directory keeps drafting fixed blocks.
 """
 
@@ -24,7 +24,7 @@ import torch
 from tandem_vllm.config import TandemConfig, check_target, target_identity
 from tandem_vllm.errors import TandemError
 from tandem_vllm.modeling.reference import TandemDrafter
-from tandem_vllm.modeling.router import ROUTER_CONFIG, ROUTER_WEIGHTS, Router, RouterConfig
+from tandem_vllm.modeling.router import ROUTER_DIR, Router, RouterConfig
 from tandem_vllm.modeling.target import hidden_taps, load_causal_lm
 from tandem_vllm.train.data import pack, read_texts
 
@@ -159,13 +159,13 @@ def export(args: RouterArgs, router: Router, metrics: dict[str, float]) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for f in sorted(args.drafter.iterdir()):
-        if f.is_file() and f.name not in (ROUTER_CONFIG, ROUTER_WEIGHTS):
+        if f.is_file():
             try:
                 os.link(f, tmp / f.name)
             except OSError:
                 shutil.copy2(f, tmp / f.name)
     router.save(tmp)
-    (tmp / "router_train.json").write_text(json.dumps({"metrics": metrics, "args": {
+    (tmp / ROUTER_DIR / "train.json").write_text(json.dumps({"metrics": metrics, "args": {
         k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if isinstance(v, list) else v)
         for k, v in vars(args).items()}}, indent=2) + "\n")
     shutil.rmtree(args.out, ignore_errors=True)

@@ -205,6 +205,50 @@ def test_preempted_requests_are_recomputed_with_their_drafter_context(demo, prom
     assert abs(tau_tight - tau_roomy) <= 0.03 * tau_roomy, (tau_tight, tau_roomy)
 
 
+@pytest.fixture(scope="module")
+def router_dir(demo, tmp_path_factory):
+    """The ci drafter with a router trained briefly on the pair's training text."""
+    from pathlib import Path
+
+    from tandem_vllm.train.router import RouterArgs, train_router
+
+    root = Path(demo["target"]).parent
+    out = tmp_path_factory.mktemp("router") / "tandem-adaptive"
+    metrics = train_router(RouterArgs(target=Path(demo["target"]), drafter=Path(demo["tandem"]),
+                                      data=[root / "corpus" / "train.jsonl"], out=out, k=K, seq_len=128,
+                                      max_positions=8000, epochs=5), progress=False)
+    assert metrics["auc"] > 0.6, metrics  # it learned something about acceptance
+    return out
+
+
+def test_the_router_cuts_drafts_inside_vllm_as_in_the_reference(demo, prompts, target_alone, router_dir):
+    """A drafter directory with a router drafts adaptively in vLLM: fewer draft tokens are verified
+    than k per step, output stays the target's, and drafts and tau match the reference decoder with
+    the same router."""
+    from tandem_vllm.modeling.router import Router
+
+    llm = vllm.LLM(model=demo["target"], speculative_config={"model": str(router_dir), "num_speculative_tokens": K},
+                   **ENGINE)
+    try:
+        got, _ = _tau(llm, prompts)
+        d = _spec_counters(llm)
+    finally:
+        _shutdown(llm)
+    assert got == target_alone
+    assert d["num_draft_tokens"] < 0.95 * K * d["num_drafts"], d  # the router shortened blocks
+
+    target = load_causal_lm(demo["target"])
+    ids = [target.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    drafter = TandemDrafter.load(demo["tandem"])
+    ref = generate(target.model, ids, max_new_tokens=MAX_TOKENS, k=K, taps=drafter.cfg.tap_layers,
+                   proposer=TandemProposer(drafter, Router.load(router_dir)), eos_token_id=target.tokenizer.eos_token_id)
+    assert got == ref.tokens
+    passes = ref.stats.target_passes - len(ids)  # verification passes (prefill excluded)
+    assert float(d["num_draft_tokens"]) == pytest.approx(ref.stats.drafted, rel=0.03)
+    assert 1 + float(d["num_accepted_tokens"]) / float(d["num_drafts"]) == pytest.approx(
+        1 + ref.stats.accepted / passes, rel=0.03)
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [

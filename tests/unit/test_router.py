@@ -8,7 +8,7 @@ import torch
 
 from tandem_vllm.decoding.speculate import Sampling, TandemProposer, generate
 from tandem_vllm.errors import TandemError
-from tandem_vllm.modeling.router import ROUTER_WEIGHTS, Router, RouterConfig, draft_lengths
+from tandem_vllm.modeling.router import ROUTER_DIR, ROUTER_WEIGHTS, Router, RouterConfig, draft_lengths
 
 from ..conftest import tiny_tandem
 from .test_speculate import N, PROMPTS, STEPS, _chi2_pvalue, _exact_joint, _sharpen, tiny_vocab_pair  # noqa: F401
@@ -67,7 +67,8 @@ def test_router_checkpoint_round_trip_and_a_corrupt_one_is_named(tmp_path):
     x = torch.randn(5, router.cfg.num_features)
     assert torch.equal(back(x), router(x))
     assert Router.load(tmp_path / "elsewhere") is None  # a drafter without a router
-    (tmp_path / ROUTER_WEIGHTS).write_bytes(b"not safetensors")
+    assert not list(tmp_path.glob("*.safetensors"))  # out of the way of model loaders
+    (tmp_path / ROUTER_DIR / ROUTER_WEIGHTS).write_bytes(b"not safetensors")
     with pytest.raises(TandemError, match="router files are unreadable"):
         Router.load(tmp_path)
     with pytest.raises(TandemError, match="threshold"):
