@@ -102,9 +102,9 @@ def _bench_serve(a: argparse.Namespace) -> None:
         config = config.model_copy(update={"api_key": a.api_key})
     compare = a.compare_engine if a.compare_engine is not None else a.url is None
     cells = bench.run(url=a.url, config=config, prompts=prompts, concurrencies=a.concurrency, max_tokens=a.max_tokens,
-                      model=a.model, compare_engine=compare, repeat=a.repeat)
+                      model=a.model, compare_engine=compare, repeat=a.repeat, client_kind=a.client)
     meta = {"url": a.url or "started by the benchmark", "config": config.model_dump(exclude_none=True),
-            "prompts": len(prompts), "max_tokens": a.max_tokens, "repeat": a.repeat}
+            "prompts": len(prompts), "max_tokens": a.max_tokens, "repeat": a.repeat, "client": a.client}
     bench.write_json(cells, Path(a.json), meta)
     table = bench.markdown(cells)
     Path(a.json).with_suffix(".md").write_text(table)
@@ -294,6 +294,8 @@ def parser() -> argparse.ArgumentParser:
     bs.add_argument("--concurrency", type=_int_list, default=[1, 8, 32])
     bs.add_argument("--max-tokens", type=int, default=64)
     bs.add_argument("--repeat", type=int, default=3, help="passes per cell; the median (by tokens/s) is reported")
+    bs.add_argument("--client", choices=["raw", "openai"], default="openai",
+                    help="raw: httpx + one json.loads per SSE line (least client CPU); openai: the official client")
     bs.add_argument("--model", help="model name to request (default: the first the server lists)")
     bs.add_argument("--api-key")
     bs.add_argument("--compare-engine", action=argparse.BooleanOptionalAction, default=None,

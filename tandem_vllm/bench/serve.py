@@ -53,6 +53,23 @@ async def _http_stream(client: Any, model: str, prompt: str, max_tokens: int) ->
             yield tokens
 
 
+async def _raw_stream(http: Any, model: str, prompt: str, max_tokens: int) -> AsyncIterator[list[int]]:
+    """The same request without the openai client: one json.loads per SSE line, nothing else, so the
+    benchmark's own CPU (on the server's cores) stays small next to the serving path it measures."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "return_token_ids": True}
+    tokens: list[int] = []
+    async with http.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise TandemError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                choices = json.loads(line[6:]).get("choices")
+                if choices:
+                    tokens.extend(choices[0].get("token_ids") or [])
+                    yield tokens
+
+
 async def _engine_stream(engine: Any, prompt: str, params: Any) -> AsyncIterator[list[int]]:
     async for out in engine.generate(prompt, params, request_id=uuid.uuid4().hex):
         yield list(out.outputs[0].token_ids)
@@ -74,7 +91,8 @@ async def _median_cell(path: str, one: Any, prompts: list[str], concurrency: int
 
 
 async def bench_http(url: str, prompts: list[str], concurrencies: list[int], max_tokens: int,
-                     api_key: str | None, model: str | None, repeat: int = 1) -> list[Cell]:
+                     api_key: str | None, model: str | None, repeat: int = 1, client_kind: str = "openai") -> list[Cell]:
+    import httpx
     import openai
 
     client = openai.AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key or "none", max_retries=0,
@@ -85,13 +103,20 @@ async def bench_http(url: str, prompts: list[str], concurrencies: list[int], max
         raise TandemError(f"{url}: cannot list models ({e}); is the server up, and is --api-key right?") from None
     model = model or served[0]
 
-    async def one(prompt: str) -> Streamed:
-        return await measure(_http_stream(client, model, prompt, max_tokens))
+    http = httpx.AsyncClient(base_url=url.rstrip("/"), timeout=600, headers={"Authorization": f"Bearer {api_key or 'none'}"},
+                             limits=httpx.Limits(max_connections=max(concurrencies) + 4))
 
-    await closed_loop(one, prompts, max(concurrencies))  # warm-up: every prompt prefix-cached, like the engine's
-    cells = [await _median_cell("serve (HTTP)", one, prompts, c, repeat) for c in concurrencies]
-    await client.close()
-    return cells
+    async def one(prompt: str) -> Streamed:
+        if client_kind == "openai":
+            return await measure(_http_stream(client, model, prompt, max_tokens))
+        return await measure(_raw_stream(http, model, prompt, max_tokens))
+
+    try:
+        await closed_loop(one, prompts, max(concurrencies))  # warm-up: every prompt prefix-cached, like the engine's
+        return [await _median_cell("serve (HTTP)", one, prompts, c, repeat) for c in concurrencies]
+    finally:
+        await client.close()
+        await http.aclose()
 
 
 async def bench_engine(cfg: ServeConfig, prompts: list[str], concurrencies: list[int], max_tokens: int,
@@ -118,7 +143,7 @@ async def bench_engine(cfg: ServeConfig, prompts: list[str], concurrencies: list
 
 
 def run(*, url: str | None, config: ServeConfig, prompts: list[str], concurrencies: list[int], max_tokens: int,
-        model: str | None, compare_engine: bool, repeat: int = 1) -> list[Cell]:
+        model: str | None, compare_engine: bool, repeat: int = 1, client_kind: str = "openai") -> list[Cell]:
     """Serve cells (starting and stopping the app when no url is given), then bare-engine cells."""
     if not prompts:
         raise TandemError('the prompts file is empty; pass a JSONL file with one {"prompt": ...} per line')
@@ -130,7 +155,7 @@ def run(*, url: str | None, config: ServeConfig, prompts: list[str], concurrenci
     if owned:
         url = start(cfg, host="127.0.0.1", port=free_port(), grpc_port=free_port(), timeout_s=900).http
     try:
-        cells = asyncio.run(bench_http(url, prompts, concurrencies, max_tokens, cfg.api_key, model, repeat))
+        cells = asyncio.run(bench_http(url, prompts, concurrencies, max_tokens, cfg.api_key, model, repeat, client_kind))
     finally:
         if owned:
             stop()

@@ -307,14 +307,15 @@ def test_grpc_without_the_key_is_unauthenticated_and_deadlines_hold(stub):
 # ---------------------------------------------------------------- serving benchmark
 
 
-def test_bench_serve_against_the_running_app(app, tmp_path, capsys):
+@pytest.mark.parametrize("client", ["raw", "openai"])
+def test_bench_serve_against_the_running_app(app, tmp_path, capsys, client):
     from tandem_vllm.cli import main
     from tandem_vllm.demo.build import build
 
     out = tmp_path / "serve.json"
     main(["bench", "serve", "--url", app.http, "--api-key", KEY, "--prompts", build("ci", progress=False)["heldout_prompts"],
           "--num-prompts", "4", "--concurrency", "1,2", "--max-tokens", "8", "--repeat", "1", "--json", str(out),
-          "--plot", str(tmp_path / "s.png")])
+          "--plot", str(tmp_path / "s.png"), "--client", client])
     cells = json.loads(out.read_text())["cells"]
     assert [(c["path"], c["concurrency"]) for c in cells] == [("serve (HTTP)", 1), ("serve (HTTP)", 2)]
     assert all(c["errors"] == 0 and c["tokens"] == 4 * 8 and c["tokens_per_s"] > 0 for c in cells)
