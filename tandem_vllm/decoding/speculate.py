@@ -264,7 +264,7 @@ def generate(
         if proposer is None:
             drafts = last[:, None][:, :0]
             block = last[:, None]
-            n_acc = torch.zeros_like(last)
+            n_acc, lengths = torch.zeros_like(last), None
             nxt = sample(to_probs(runner.forward(block).logits[:, -1], sampling), gen)
         else:
             drafts, p, lengths = proposer.propose(last, runner.next_pos, k, sampling, gen)  # (B,K'), (B,K',V)
@@ -280,7 +280,7 @@ def generate(
             keep = torch.arange(kk + 1, device=device)[None] <= n_acc[:, None]
             runner.reject(keep)
             proposer.observe(block, keep, tout)
-        proposed = lengths.tolist() if proposer is not None and lengths is not None else [drafts.shape[1]] * len(outs)
+        proposed = lengths.tolist() if lengths is not None else [drafts.shape[1]] * len(outs)
         for i, (d, n, t) in enumerate(zip(drafts.tolist(), n_acc.tolist(), nxt.tolist())):
             if done[i]:
                 continue

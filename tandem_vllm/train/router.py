@@ -96,8 +96,9 @@ def fit(router: Router, x: torch.Tensor, y: torch.Tensor, args: RouterArgs, prog
     order = torch.randperm(len(y), generator=g)
     n_eval = max(len(y) // 10, 1)
     ev, tr = order[:n_eval], order[n_eval:]
+    # Trained on standardised features; the scaling is folded into the first layer afterwards, so the
+    # saved router takes raw features.
     mean, std = x[tr].mean(0), x[tr].std(0).clamp_min(1e-6)
-    # Standardise inside the first layer, so the saved router takes raw features.
     opt = torch.optim.AdamW(router.parameters(), lr=args.lr, weight_decay=1e-4)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     steps = args.epochs * max(len(tr) // args.batch_size, 1)
@@ -105,7 +106,6 @@ def fit(router: Router, x: torch.Tensor, y: torch.Tensor, args: RouterArgs, prog
     xs = (x - mean) / std
     bar = tqdm(total=steps, desc="router fit", unit="step", disable=not progress)
     router.train()
-    step = 0
     for _ in range(args.epochs):
         perm = tr[torch.randperm(len(tr), generator=g)]
         for j in range(0, max(len(perm) - args.batch_size, 0) + 1, args.batch_size):
@@ -114,9 +114,7 @@ def fit(router: Router, x: torch.Tensor, y: torch.Tensor, args: RouterArgs, prog
             opt.zero_grad()
             loss.backward()
             opt.step()
-            if step < steps:
-                sched.step()
-            step += 1
+            sched.step()  # exactly `steps` batches: each epoch runs max(len(tr) // batch_size, 1) of them
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()

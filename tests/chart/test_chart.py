@@ -181,8 +181,11 @@ def test_deploy_serve_yaml_is_valid_for_ray_and_tandem_vllm():
 
     from tandem_vllm.serve.config import ServeConfig
 
+    from tandem_vllm.serve.grpc_api import SERVICER_FUNCTIONS
+
     cfg = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
     ServeDeploySchema.model_validate(cfg)
+    assert cfg["grpc_options"]["grpc_servicer_functions"] == list(SERVICER_FUNCTIONS)
     ServeConfig.parse(cfg["applications"][0]["args"])
 
 
