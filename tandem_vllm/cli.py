@@ -76,12 +76,15 @@ def _bench_engine(a: argparse.Namespace) -> None:
     )
     cells = engine.run(target=a.target, tandem=a.tandem, baseline=a.baseline, prompts=prompts, batch_sizes=a.batch_sizes,
                        max_tokens=a.max_tokens, k=a.k, fallback_batch_size=a.fallback_batch_size, engine_kwargs=engine_kwargs,
-                       repeat=a.repeat, tandem_router=a.tandem_router)
+                       repeat=a.repeat, tandem_router=a.tandem_router, step_times=a.step_times)
     meta = {"target": a.target, "tandem": a.tandem, "tandem_router": a.tandem_router, "baseline": a.baseline,
             "prompts": len(prompts),
             "max_tokens": a.max_tokens, "k": a.k, "repeat": a.repeat, "engine": engine_kwargs}
     engine.write_json(cells, Path(a.json), meta)
     table = engine.markdown(cells)
+    if a.step_times:
+        table += "\nWhere an engine step's time goes (ms per step, means over the measured pass):\n\n"
+        table += engine.steps_markdown(cells)
     Path(a.json).with_suffix(".md").write_text(table)
     if a.plot:
         engine.plot(cells, Path(a.plot), f"{len(prompts)} prompts x {a.max_tokens} tokens, greedy, k={a.k}")
@@ -254,6 +257,9 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--kv-cache-mib", type=int, default=512)
     be.add_argument("--json", required=True, help="report path; a .md table is written beside it")
     be.add_argument("--plot", help="PNG path")
+    be.add_argument("--step-times", metavar="DIR",
+                    help="record every engine step's phases (schedule, target forward, sampler, drafting...) into DIR "
+                         "and add a table of where each step's time went")
     be.set_defaults(func=_bench_engine)
 
     s = sub.add_parser("serve", help="serve on Ray Serve: OpenAI HTTP API + gRPC (no --model: the demo pair)",

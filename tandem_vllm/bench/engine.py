@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from tandem_vllm.bench import steps
 from tandem_vllm.bench.measure import Streamed, closed_loop, latency_summary, measure
 from tandem_vllm.errors import TandemError
 from tandem_vllm.progress import progress_bar
@@ -56,6 +59,8 @@ class Cell:
     speedup_over_tau: float = 1.0
     lossless: bool | None = None
     outputs: list[list[int]] = field(default_factory=list, repr=False)
+    window: tuple[float, float] = (0.0, 0.0)  # wall clock (time.time()) of the measured pass
+    steps: dict[str, float] | None = None  # where each engine step's time went (--step-times)
 
 
 def rows_for(
@@ -100,9 +105,9 @@ async def _engine_stream(engine: Any, prompt: str, params: Any) -> AsyncIterator
 
 async def _cell(row: Row, one: Any, prompts: list[str], batch_size: int) -> Cell:
     """One closed-loop pass over the prompts with batch_size in flight, measured."""
-    before = _spec_counters()
+    before, start = _spec_counters(), time.time()
     raw, seconds = await closed_loop(one, prompts, batch_size)
-    after = _spec_counters()
+    after, end = _spec_counters(), time.time()
     results = [r for r in raw if isinstance(r, Streamed)]
     if len(results) < len(raw):
         raise next(r for r in raw if isinstance(r, BaseException))
@@ -123,6 +128,7 @@ async def _cell(row: Row, one: Any, prompts: list[str], batch_size: int) -> Cell
         acceptance_rate=round(d["num_accepted_tokens"] / d["num_draft_tokens"], 4) if d.get("num_draft_tokens") else None,
         drafts=int(drafts),
         outputs=[r.tokens for r in results],
+        window=(start, end),
     )
 
 
@@ -167,28 +173,43 @@ def run(
     engine_kwargs: dict[str, Any],
     repeat: int = 3,
     tandem_router: str | None = None,
+    step_times: str | None = None,
 ) -> list[Cell]:
+    """Every row at every batch size. ``step_times``: a directory the engine processes record each
+    step's phases into (bench/steps.py); each cell then carries the summary of its measured pass."""
     if not prompts:
         raise TandemError("the prompts file is empty; pass a JSONL file with one {\"prompt\": ...} per line")
     rows = rows_for(tandem=tandem, baseline=baseline, k=k, fallback_batch_size=fallback_batch_size,
                     tandem_router=tandem_router)
     cells: list[Cell] = []
     bar = progress_bar(total=len(rows), desc="engine rows", unit="row")
-    for row in rows:
-        cells += asyncio.run(
-            _bench_row(
-                row,
-                target=target,
-                prompts=prompts,
-                batch_sizes=batch_sizes,
-                max_tokens=max_tokens,
-                repeat=repeat,
-                engine_kwargs=engine_kwargs,
+    saved = os.environ.get(steps.ENV)
+    if step_times:  # read by the plugin in every engine process started from here on
+        os.environ[steps.ENV] = str(Path(step_times).resolve())
+    try:
+        for row in rows:
+            cells += asyncio.run(
+                _bench_row(
+                    row,
+                    target=target,
+                    prompts=prompts,
+                    batch_sizes=batch_sizes,
+                    max_tokens=max_tokens,
+                    repeat=repeat,
+                    engine_kwargs=engine_kwargs,
+                )
             )
-        )
-        gc.collect()  # drop the shut-down engine now, not during interpreter exit
-        bar.update(1)
+            gc.collect()  # drop the shut-down engine now, not during interpreter exit
+            bar.update(1)
+    finally:
+        if saved is None:
+            os.environ.pop(steps.ENV, None)
+        else:
+            os.environ[steps.ENV] = saved
     bar.close()
+    if step_times:
+        for c in cells:
+            c.steps = steps.summary(steps.read(step_times, *c.window))
     base = {c.batch_size: c for c in cells if c.row == rows[0].name}
     for c in cells:
         ref = base[c.batch_size]
@@ -212,9 +233,14 @@ def markdown(cells: list[Cell]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def steps_markdown(cells: list[Cell]) -> str:
+    """Where the time of an engine step went, per row and batch size (ms per step, means)."""
+    return steps.markdown([(c.row, c.batch_size, c.steps) for c in cells if c.steps])
+
+
 def write_json(cells: list[Cell], path: Path, meta: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{k: v for k, v in asdict(c).items() if k != "outputs"} for c in cells]
+    rows = [{k: v for k, v in asdict(c).items() if k not in ("outputs", "window")} for c in cells]
     path.write_text(json.dumps({**meta, "cells": rows}, indent=2) + "\n")
 
 

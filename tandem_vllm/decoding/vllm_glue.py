@@ -31,7 +31,9 @@ left off with a warning.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
+import os
 from pathlib import Path
 from typing import Any, Final
 
@@ -43,7 +45,10 @@ from vllm.config import CUDAGraphMode, VllmConfig
 from vllm.model_executor.models.interfaces import supports_eagle3
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
+from vllm.v1.spec_decode.utils import PADDING_SLOT_ID
 
+from tandem_vllm.bench.steps import ENV as STEP_TIMES_ENV
+from tandem_vllm.bench.steps import StepClock
 from tandem_vllm.config import (
     ARCHITECTURE,
     MAX_SPECULATIVE_TOKENS,
@@ -110,6 +115,12 @@ def _refuse_missing_local_drafter(speculative_config: dict[str, Any] | None) -> 
             raise TandemError(f"speculative_config model {model!r}: no such directory; pass a Tandem drafter directory")
 
 
+# "0": K = 0 steps run vLLM's whole first drafting pass instead of writing context K/V alone (the same
+# cache contents, slower; kept to compare the two and as an escape hatch for an unusual backend).
+CONTEXT_ALONE_ENV: Final = "TANDEM_VLLM_CONTEXT_ALONE"
+_PROPOSE: Final = inspect.signature(DraftModelProposer.propose)
+
+
 class TandemProposer(DraftModelProposer):
     """vLLM's draft-model proposer whose first pass writes the target's context K/V (module docstring)."""
 
@@ -141,8 +152,12 @@ class TandemProposer(DraftModelProposer):
         self.model.model.bind_target_norm(norm.weight, norm.variance_epsilon)
 
     def propose(self, *args: Any, **kwargs: Any) -> Any:
-        """vLLM's drafting, with the router scoring every pass's logits when the drafter has one."""
+        """vLLM's drafting, with the router scoring every pass's logits when the drafter has one; a
+        step without drafts (K = 0) only writes the context K/V."""
         self.kept_lengths = None
+        call = _PROPOSE.bind(self, *args, **kwargs).arguments
+        if call["num_speculative_tokens"] == 0 and self.context_alone_at_k0:
+            return self._write_context_only(**{k: v for k, v in call.items() if k != "self"})
         if self.router is None:
             return super().propose(*args, **kwargs)
         seen: list[Tensor] = []
@@ -164,6 +179,40 @@ class TandemProposer(DraftModelProposer):
             prob = torch.stack([self.router.accept_prob(t, embed) for t in seen], dim=1)  # (B, k)
             self.kept_lengths = draft_lengths(prob, self.router.cfg.threshold).tolist()
         return drafts
+
+    def _write_context_only(
+        self,
+        *,
+        target_token_ids: Tensor,
+        target_positions: Tensor,
+        target_hidden_states: Tensor,
+        next_token_ids: Tensor,
+        token_indices_to_sample: Tensor | None,
+        common_attn_metadata: CommonAttentionMetadata,
+        num_rejected_tokens_gpu: Tensor | None = None,
+        **_: Any,
+    ) -> Tensor:
+        """K = 0 (vLLM's dynamic K: the batch-size fallback): nobody verifies drafts, but the next step
+        that drafts attends to the context K/V of every position processed now. vLLM's draft-model
+        proposer runs the whole first drafting pass for that; Tandem's context K/V need no drafter
+        layer, so write them alone (projections only: no attention, MLP or logits)."""
+        num_out, _, new_cad = self.set_inputs_first_pass(
+            target_token_ids, next_token_ids, target_positions, target_hidden_states, token_indices_to_sample,
+            common_attn_metadata, num_rejected_tokens_gpu,
+        )
+        assert self._context is not None
+        context, self._context = self._context, None
+        # Row num_out is the rejected drafts' scratch row (context_rows): slot -1, which the cache skips.
+        slots = torch.cat([new_cad.slot_mapping[:num_out], new_cad.slot_mapping.new_full((1,), PADDING_SLOT_ID)])
+        positions = torch.cat([self.positions[:num_out], self.positions.new_zeros(1)])
+        self.model.model.write_context(positions[context.dst], slots[context.dst], context.states)
+        return torch.empty(common_attn_metadata.batch_size(), 0, dtype=torch.int64, device=target_token_ids.device)
+
+    @functools.cached_property
+    def context_alone_at_k0(self) -> bool:
+        if os.environ.get(CONTEXT_ALONE_ENV, "1") == "0":
+            return False
+        return self.model.model.can_write_context_alone()
 
     def initialize_cudagraph_keys(self, cudagraph_mode: CUDAGraphMode) -> None:
         # The first pass carries a TandemContext that CUDA graphs cannot capture: draft eagerly.
@@ -302,6 +351,26 @@ def _per_request_opt_out(scheduler_cls: Any) -> None:
     scheduler_cls.schedule = _schedule
 
 
+def _no_draft_handover_after_k0_steps(scheduler_cls: Any, engine_core_cls: Any) -> None:
+    """After a step scheduled with K = 0 (vLLM's dynamic K), the engine would still ask the model
+    runner for drafts -- an RPC to the worker process per step (1-2 ms on CPU) for empty lists. Skip
+    it: the scheduler already cleared every request's drafts when it scheduled the step."""
+    schedule, post_step = scheduler_cls.schedule, engine_core_cls.post_step
+
+    @functools.wraps(schedule)
+    def _schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = schedule(self, *args, **kwargs)
+        self.tandem_drafts_wanted = self.num_spec_tokens > 0 and out.num_spec_tokens_to_schedule > 0
+        return out
+
+    @functools.wraps(post_step)
+    def _post_step(self: Any, model_executed: bool) -> None:
+        if self.async_scheduling or getattr(self.scheduler, "tandem_drafts_wanted", True):
+            post_step(self, model_executed)
+
+    scheduler_cls.schedule, engine_core_cls.post_step = _schedule, _post_step
+
+
 def _cut_drafts_where_the_router_stops(runner_cls: Any) -> None:
     """Drafts leave the runner for the scheduler here (synchronous scheduling): keep each request's
     first ``kept_lengths[row]``; the scheduler then verifies only those."""
@@ -322,6 +391,84 @@ def _cut_drafts_where_the_router_stops(runner_cls: Any) -> None:
     runner_cls.take_draft_token_ids = take_draft_token_ids
 
 
+def _time_engine_steps() -> None:
+    """Per-phase wall times of every engine step into ``$TANDEM_VLLM_STEP_TIMES`` (``bench/steps.py``
+    says what each phase covers). Installed only when the environment asks for it; ~10 us per phase."""
+    from torch import nn
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.core import EngineCore, EngineCoreProc
+    from vllm.v1.executor.multiproc_executor import WorkerProc
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if getattr(EngineCoreProc._process_engine_step, "_tandem_timed", False):
+        return  # re-entrant, and a forked engine process inherits its parent's hooks
+    clock = StepClock()
+
+    def wrap(cls: Any, name: str, before: Any = None, after: Any = None, phase: str | None = None) -> None:
+        method = getattr(cls, name)
+
+        @functools.wraps(method)
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if before:
+                before(self)
+            try:
+                if phase is None:
+                    return method(self, *args, **kwargs)
+                with clock.phase(phase):
+                    return method(self, *args, **kwargs)
+            finally:
+                if after:
+                    after(self)
+
+        wrapper._tandem_timed = True  # type: ignore[attr-defined]
+        setattr(cls, name, wrapper)
+
+    step = EngineCoreProc._process_engine_step
+
+    def _process_engine_step(self: Any) -> Any:
+        with clock.engine_step():
+            executed = step(self)
+        if not self.scheduler.has_requests():
+            clock.flush()  # idle: nothing to perturb
+        return executed
+
+    schedule = Scheduler.schedule
+
+    def _schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with clock.phase("schedule"):
+            out = schedule(self, *args, **kwargs)
+        clock.note("engine", reqs=len(out.num_scheduled_tokens), tokens=out.total_num_scheduled_tokens,
+                   drafts=sum(map(len, out.scheduled_spec_decode_tokens.values())))
+        return out
+
+    def drafter_started(module: nn.Module, args: Any, kwargs: Any) -> None:
+        module._tandem_started = clock.now()
+
+    def drafter_done(module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+        clock.add("worker", drafter=clock.now() - module._tandem_started, passes=1)
+
+    def hook_drafter(runner: Any) -> None:
+        model = getattr(getattr(runner, "drafter", None), "model", None)
+        if isinstance(model, nn.Module) and not getattr(model, "_tandem_timed", False):
+            model.register_forward_pre_hook(drafter_started, with_kwargs=True)
+            model.register_forward_hook(drafter_done, with_kwargs=True)
+            model._tandem_timed = True
+
+    for cls, name, fn in ((EngineCoreProc, "_process_engine_step", _process_engine_step), (Scheduler, "schedule", _schedule)):
+        fn = functools.wraps(getattr(cls, name))(fn)
+        fn._tandem_timed = True  # type: ignore[attr-defined]
+        setattr(cls, name, fn)
+    wrap(Scheduler, "update_from_output", phase="update")
+    wrap(EngineCore, "post_step", phase="post")
+    wrap(GPUModelRunner, "execute_model", before=lambda runner: clock.worker_begin(), phase="execute")
+    wrap(GPUModelRunner, "_model_forward", phase="target")
+    wrap(GPUModelRunner, "sample_tokens", after=lambda runner: clock.worker_end(), phase="sample")
+    wrap(GPUModelRunner, "_sample", phase="sampler")
+    wrap(GPUModelRunner, "propose_draft_token_ids", before=hook_drafter, phase="draft")
+    wrap(EngineCore, "shutdown", before=lambda core: clock.flush())
+    wrap(WorkerProc, "shutdown", before=lambda proc: clock.flush())
+
+
 def install() -> None:
     """Hook vLLM (re-entrant): check Tandem settings where the engine config is built, and make the
     model runner build a TandemProposer for Tandem checkpoints."""
@@ -329,6 +476,8 @@ def install() -> None:
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.worker import gpu_model_runner
 
+    if os.environ.get(STEP_TIMES_ENV):
+        _time_engine_steps()
     if getattr(EngineArgs.create_speculative_config, "_tandem_wrapped", False):
         return
     make_spec = EngineArgs.create_speculative_config
@@ -372,7 +521,10 @@ def install() -> None:
 
     from vllm.v1.core.sched.scheduler import Scheduler
 
+    from vllm.v1.engine.core import EngineCore
+
     _per_request_opt_out(Scheduler)
+    _no_draft_handover_after_k0_steps(Scheduler, EngineCore)
     _cut_drafts_where_the_router_stops(gpu_model_runner.GPUModelRunner)
 
     create_speculative_config._tandem_wrapped = True  # type: ignore[attr-defined]

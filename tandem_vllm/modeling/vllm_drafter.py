@@ -80,6 +80,22 @@ class TandemDecoderLayer(LlamaDecoderLayer):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
+    def write_context(self, positions: Tensor, slots: Tensor, tap: Tensor) -> None:
+        """Only the context K/V of target rows, straight into the paged cache (slot -1: skipped): the
+        same K/V ``forward`` writes for them, without the attention, MLP or any own row."""
+        attn = self.self_attn
+        qkv, _ = attn.qkv_proj(self.input_layernorm(self.ctx_proj(tap)[0]))  # (T, q + 2 kv)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        _, k = attn.rotary_emb(positions, q, k)
+        layer = attn.attn
+        layer.impl.do_kv_cache_update(
+            layer,
+            k.view(-1, layer.num_kv_heads, layer.head_size),
+            v.view(-1, layer.num_kv_heads, layer.head_size_v),
+            layer.kv_cache,
+            slots,
+        )
+
 
 class TandemDrafterModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
@@ -116,6 +132,19 @@ class TandemDrafterModel(nn.Module):
             x32 = taps[i].float()
             taps[i] = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(taps[i].dtype)
         return taps
+
+    def can_write_context_alone(self) -> bool:
+        """Whether every layer's attention backend exposes its cache write (vLLM's FlashAttention,
+        FlashInfer, Triton and CPU backends do)."""
+        return all(hasattr(layer.self_attn.attn.impl, "do_kv_cache_update") for layer in self.layers)
+
+    def write_context(self, positions: Tensor, slots: Tensor, states: Tensor) -> None:
+        """Context K/V of every layer for the target rows at ``slots`` (T,) and ``positions`` (T,);
+        ``states`` (T, U*Dt) are the target's taps. Layer j's context K/V depend on tap l(j) alone,
+        so no drafter layer has to run: this is all a step without drafts needs."""
+        taps = self._split_taps(states)
+        for j, layer in enumerate(self.layers):
+            layer.write_context(positions, slots, taps[self.tap_slot[j]])
 
     def forward(self, input_ids: Tensor, positions: Tensor, context: TandemContext | None = None) -> Tensor:
         h = self.embed_tokens(input_ids)  # (T, D)

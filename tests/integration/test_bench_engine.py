@@ -2,9 +2,11 @@
 output, and reports the columns the README table is built from."""
 
 import json
+import os
 
 import pytest
 
+from tandem_vllm.bench import steps
 from tandem_vllm.cli import main
 from tandem_vllm.demo.build import build
 
@@ -19,6 +21,7 @@ def test_bench_engine_reports_every_row_lossless(tmp_path, capsys):
         "bench", "engine", "--target", demo["target"], "--tandem", demo["tandem"], "--baseline", demo["baseline"],
         "--prompts", demo["heldout_prompts"], "--num-prompts", "3", "--batch-sizes", "1,2", "--max-tokens", "12",
         "--repeat", "1", "--fallback-batch-size", "2", "--kv-cache-mib", "128", "--json", str(out), "--plot", str(tmp_path / "e.png"),
+        "--step-times", str(tmp_path / "steps"),
     ])
     report = json.loads(out.read_text())
     cells = report["cells"]
@@ -34,6 +37,15 @@ def test_bench_engine_reports_every_row_lossless(tmp_path, capsys):
     assert by[(rows[3], 1)]["drafts"] == by[(rows[2], 1)]["drafts"]
     assert (tmp_path / "e.png").stat().st_size > 0
     assert "| engine | batch |" in capsys.readouterr().out
+
+    # where the steps' time went, measured inside the engine's processes
+    assert steps.ENV not in os.environ, "engines started after the benchmark must not time their steps"
+    assert all(c["steps"]["steps"] > 0 and c["steps"]["target"] > 0 for c in cells)
+    assert all(c["steps"]["passes"] == 0 and c["steps"]["drafts"] == 0 for c in cells if c["row"] == rows[0])
+    # k = 3 drafting passes per step with fixed k; the fallback's K = 0 steps run the context pass only
+    assert all(2.5 <= by[(r, b)]["steps"]["passes"] <= 3 for r in rows[1:3] for b in (1, 2))
+    assert by[(rows[3], 2)]["steps"]["passes"] < by[(rows[2], 2)]["steps"]["passes"]
+    assert "↳ target fwd" in (tmp_path / "engine.md").read_text()
 
 
 def test_bench_engine_rejects_a_bad_batch_size_list(capsys):

@@ -205,6 +205,38 @@ def test_preempted_requests_are_recomputed_with_their_drafter_context(demo, prom
     assert abs(tau_tight - tau_roomy) <= 0.03 * tau_roomy, (tau_tight, tau_roomy)
 
 
+def _fallback_then_drafting(demo, prompts) -> tuple[list[list[int]], dict[str, np.ndarray]]:
+    """16 requests at once under a dynamic-K schedule that drafts only while at most 4 run: 12 short
+    requests keep the batch at K = 0 for their first steps, then the 4 long ones draft (K = 3) with
+    drafter context written during those K = 0 steps."""
+    llm = vllm.LLM(
+        model=demo["target"],
+        speculative_config={"model": demo["tandem"], "num_speculative_tokens": K,
+                            "num_speculative_tokens_per_batch_size": [(1, 4, K), (5, 1 << 20, 0)]},
+        **ENGINE,
+    )
+    lengths = [MAX_TOKENS] * 4 + [6] * 12
+    params = [vllm.SamplingParams(temperature=0, max_tokens=n) for n in lengths]
+    try:
+        outs = llm.generate(prompts[:16], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs], _spec_counters(llm)
+    finally:
+        _shutdown(llm)
+
+
+def test_steps_without_drafts_keep_the_drafter_context(demo, prompts, target_alone, monkeypatch):
+    """At K = 0 the proposer writes only the context K/V (no drafter layer runs). Drafting after K = 0
+    steps must see the same context as when vLLM's whole first drafting pass ran at K = 0 (the
+    TANDEM_VLLM_CONTEXT_ALONE=0 path): same outputs, same drafts accepted."""
+    fast, counted = _fallback_then_drafting(demo, prompts)
+    monkeypatch.setenv("TANDEM_VLLM_CONTEXT_ALONE", "0")
+    full, counted_full = _fallback_then_drafting(demo, prompts)
+    assert fast == full == [t[: len(o)] for t, o in zip(target_alone[:16], fast)]
+    assert counted["num_drafts"] > 0 and counted["num_accepted_tokens"] > 0
+    for key in ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "num_accepted_tokens_per_pos"):
+        np.testing.assert_allclose(counted[key], counted_full[key], rtol=0.02, err_msg=key)
+
+
 @pytest.fixture(scope="module")
 def router_dir(demo, tmp_path_factory):
     """The ci drafter with a router trained briefly on the pair's training text."""
