@@ -183,11 +183,8 @@ class TandemProposer(DraftModelProposer):
     def _write_context_only(
         self,
         *,
-        target_token_ids: Tensor,
         target_positions: Tensor,
         target_hidden_states: Tensor,
-        next_token_ids: Tensor,
-        token_indices_to_sample: Tensor | None,
         common_attn_metadata: CommonAttentionMetadata,
         num_rejected_tokens_gpu: Tensor | None = None,
         **_: Any,
@@ -195,18 +192,14 @@ class TandemProposer(DraftModelProposer):
         """K = 0 (vLLM's dynamic K: the batch-size fallback): nobody verifies drafts, but the next step
         that drafts attends to the context K/V of every position processed now. vLLM's draft-model
         proposer runs the whole first drafting pass for that; Tandem's context K/V need no drafter
-        layer, so write them alone (projections only: no attention, MLP or logits)."""
-        num_out, _, new_cad = self.set_inputs_first_pass(
-            target_token_ids, next_token_ids, target_positions, target_hidden_states, token_indices_to_sample,
-            common_attn_metadata, num_rejected_tokens_gpu,
-        )
-        assert self._context is not None
-        context, self._context = self._context, None
-        # Row num_out is the rejected drafts' scratch row (context_rows): slot -1, which the cache skips.
-        slots = torch.cat([new_cad.slot_mapping[:num_out], new_cad.slot_mapping.new_full((1,), PADDING_SLOT_ID)])
-        positions = torch.cat([self.positions[:num_out], self.positions.new_zeros(1)])
-        self.model.model.write_context(positions[context.dst], slots[context.dst], context.states)
-        return torch.empty(common_attn_metadata.batch_size(), 0, dtype=torch.int64, device=target_token_ids.device)
+        layer, so write them alone (projections only: no attention, MLP or logits), at the target's
+        own slots (drafter and target share block tables) -- not in the drafter's row layout."""
+        cad = common_attn_metadata
+        num_in, dropped = target_positions.shape[0], target_positions.shape[0] + cad.batch_size()
+        verified = context_rows(cad.query_start_loc, num_rejected_tokens_gpu, num_in, dropped) < dropped
+        slots = torch.where(verified, cad.slot_mapping[:num_in], PADDING_SLOT_ID)  # rejected drafts: skipped
+        self.model.model.write_context(target_positions, slots, target_hidden_states)
+        return torch.empty(cad.batch_size(), 0, dtype=torch.int64, device=target_positions.device)
 
     @functools.cached_property
     def context_alone_at_k0(self) -> bool:

@@ -61,3 +61,43 @@ def test_per_request_opt_out_values(extra_args, off):
     from types import SimpleNamespace
 
     assert vllm_glue.speculation_opted_out(SimpleNamespace(extra_args=extra_args)) is off
+
+
+def test_drafts_are_fetched_from_the_runner_only_after_steps_that_asked_for_them():
+    """vLLM's dynamic K: after a K = 0 step the engine skips the post-step RPC for (empty) drafts."""
+
+    class Out:
+        def __init__(self, k):
+            self.num_spec_tokens_to_schedule = k
+
+    class Scheduler:
+        num_spec_tokens = 3
+
+        def __init__(self, ks):
+            self.ks = iter(ks)
+
+        def schedule(self):
+            return Out(next(self.ks))
+
+    class Engine:
+        async_scheduling = False
+
+        def __init__(self, scheduler):
+            self.scheduler, self.fetched = scheduler, 0
+
+        def post_step(self, model_executed):
+            self.fetched += 1
+
+    vllm_glue._no_draft_handover_after_k0_steps(Scheduler, Engine)
+    engine = Engine(Scheduler([3, 0, 0, 3, 1]))
+    fetched = []
+    for _ in range(5):
+        engine.scheduler.schedule()
+        engine.post_step(True)
+        fetched.append(engine.fetched)
+    assert fetched == [1, 1, 1, 2, 3]
+    engine.async_scheduling = True  # drafts never go through post_step there; leave vLLM's path alone
+    engine.scheduler = Scheduler([0])
+    engine.scheduler.schedule()
+    engine.post_step(True)
+    assert engine.fetched == 4
