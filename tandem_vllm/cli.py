@@ -105,11 +105,15 @@ def _bench_serve(a: argparse.Namespace) -> None:
         config = config.model_copy(update={"api_key": a.api_key})
     compare = a.compare_engine if a.compare_engine is not None else a.url is None
     cells = bench.run(url=a.url, config=config, prompts=prompts, concurrencies=a.concurrency, max_tokens=a.max_tokens,
-                      model=a.model, compare_engine=compare, repeat=a.repeat, client_kind=a.client)
+                      model=a.model, compare_engine=compare, repeat=a.repeat, client_kind=a.client,
+                      step_times=a.step_times)
     meta = {"url": a.url or "started by the benchmark", "config": config.model_dump(exclude_none=True),
             "prompts": len(prompts), "max_tokens": a.max_tokens, "repeat": a.repeat, "client": a.client}
     bench.write_json(cells, Path(a.json), meta)
     table = bench.markdown(cells)
+    if a.step_times:
+        table += "\nWhere the engine's steps' time goes (ms per step, means over the reported pass):\n\n"
+        table += bench.steps_markdown(cells)
     Path(a.json).with_suffix(".md").write_text(table)
     if a.plot:
         bench.plot(cells, Path(a.plot), f"{len(prompts)} prompts x {a.max_tokens} tokens, greedy, streaming")
@@ -306,6 +310,9 @@ def parser() -> argparse.ArgumentParser:
     bs.add_argument("--api-key")
     bs.add_argument("--compare-engine", action=argparse.BooleanOptionalAction, default=None,
                     help="also run the bare engine (default: when the benchmark started the app)")
+    bs.add_argument("--step-times", metavar="DIR",
+                    help="record the engines' steps (the app's when the benchmark starts it, and the bare engine's) "
+                         "into DIR and add a table of where each step's time went")
     bs.add_argument("--json", required=True, help="report path; a .md table is written beside it")
     bs.add_argument("--plot", help="PNG path")
     bs.set_defaults(func=_bench_serve)

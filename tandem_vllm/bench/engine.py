@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -183,10 +182,7 @@ def run(
                     tandem_router=tandem_router)
     cells: list[Cell] = []
     bar = progress_bar(total=len(rows), desc="engine rows", unit="row")
-    saved = os.environ.get(steps.ENV)
-    if step_times:  # read by the plugin in every engine process started from here on
-        os.environ[steps.ENV] = str(Path(step_times).resolve())
-    try:
+    with steps.recording(step_times):
         for row in rows:
             cells += asyncio.run(
                 _bench_row(
@@ -201,11 +197,6 @@ def run(
             )
             gc.collect()  # drop the shut-down engine now, not during interpreter exit
             bar.update(1)
-    finally:
-        if saved is None:
-            os.environ.pop(steps.ENV, None)
-        else:
-            os.environ[steps.ENV] = saved
     bar.close()
     if step_times:
         for c in cells:

@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tandem_vllm.bench import steps
 from tandem_vllm.bench.measure import Streamed, closed_loop, latency_summary, measure
 from tandem_vllm.errors import TandemError
 from tandem_vllm.progress import progress_bar
@@ -40,6 +42,8 @@ class Cell:
     itl_ms_p50: float
     itl_ms_p95: float
     overhead: float | None = None  # serve only: 1 - serve tokens/s / bare-engine tokens/s
+    window: tuple[float, float] = (0.0, 0.0)  # wall clock (time.time()) of the reported pass
+    steps: dict[str, float] | None = None  # where the engine's steps' time went (--step-times)
 
 
 async def _http_stream(client: Any, model: str, prompt: str, max_tokens: int) -> AsyncIterator[list[int]]:
@@ -85,8 +89,10 @@ async def _median_cell(path: str, one: Any, prompts: list[str], concurrency: int
     """The median (by tokens/s) of `repeat` closed-loop passes."""
     cells = []
     for _ in range(repeat):
+        start = time.time()
         raw, seconds = await closed_loop(one, prompts, concurrency)
         cells.append(_cell(path, concurrency, raw, seconds))
+        cells[-1].window = (start, time.time())
     return sorted(cells, key=lambda c: c.tokens_per_s)[len(cells) // 2]
 
 
@@ -143,8 +149,11 @@ async def bench_engine(cfg: ServeConfig, prompts: list[str], concurrencies: list
 
 
 def run(*, url: str | None, config: ServeConfig, prompts: list[str], concurrencies: list[int], max_tokens: int,
-        model: str | None, compare_engine: bool, repeat: int = 1, client_kind: str = "openai") -> list[Cell]:
-    """Serve cells (starting and stopping the app when no url is given), then bare-engine cells."""
+        model: str | None, compare_engine: bool, repeat: int = 1, client_kind: str = "openai",
+        step_times: str | None = None) -> list[Cell]:
+    """Serve cells (starting and stopping the app when no url is given), then bare-engine cells.
+    ``step_times``: a directory for the engines' step records (bench/steps.py) -- the app's when the
+    benchmark starts it, the bare engine's -- summarised per cell."""
     if not prompts:
         raise TandemError('the prompts file is empty; pass a JSONL file with one {"prompt": ...} per line')
     from tandem_vllm.serve.launch import free_port, start, stop
@@ -152,24 +161,29 @@ def run(*, url: str | None, config: ServeConfig, prompts: list[str], concurrenci
     cfg = config.resolved()
     bar = progress_bar(total=2 if compare_engine else 1, desc="bench serve", unit="path")
     owned = url is None
-    if owned:
-        url = start(cfg, host="127.0.0.1", port=free_port(), grpc_port=free_port(), timeout_s=900).http
-    try:
-        cells = asyncio.run(bench_http(url, prompts, concurrencies, max_tokens, cfg.api_key, model, repeat, client_kind))
-    finally:
+    with steps.recording(step_times):
         if owned:
-            stop()
-    bar.update(1)
-    if compare_engine:
-        gc.collect()
-        bare = asyncio.run(bench_engine(cfg, prompts, concurrencies, max_tokens, repeat))
-        by_c = {c.concurrency: c for c in bare}
-        for c in cells:
-            if by_c[c.concurrency].tokens_per_s:
-                c.overhead = round(1 - c.tokens_per_s / by_c[c.concurrency].tokens_per_s, 4)
-        cells += bare
+            url = start(cfg, host="127.0.0.1", port=free_port(), grpc_port=free_port(), timeout_s=900).http
+        try:
+            cells = asyncio.run(bench_http(url, prompts, concurrencies, max_tokens, cfg.api_key, model, repeat,
+                                           client_kind))
+        finally:
+            if owned:
+                stop()
         bar.update(1)
+        if compare_engine:
+            gc.collect()
+            bare = asyncio.run(bench_engine(cfg, prompts, concurrencies, max_tokens, repeat))
+            by_c = {c.concurrency: c for c in bare}
+            for c in cells:
+                if by_c[c.concurrency].tokens_per_s:
+                    c.overhead = round(1 - c.tokens_per_s / by_c[c.concurrency].tokens_per_s, 4)
+            cells += bare
+            bar.update(1)
     bar.close()
+    if step_times:
+        for c in cells:
+            c.steps = steps.summary(steps.read(step_times, *c.window))
     return cells
 
 
@@ -184,7 +198,13 @@ def markdown(cells: list[Cell]) -> str:
 
 def write_json(cells: list[Cell], path: Path, meta: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**meta, "cells": [asdict(c) for c in cells]}, indent=2) + "\n")
+    rows = [{k: v for k, v in asdict(c).items() if k != "window"} for c in cells]
+    path.write_text(json.dumps({**meta, "cells": rows}, indent=2) + "\n")
+
+
+def steps_markdown(cells: list[Cell]) -> str:
+    """Where the engine's steps' time went per path and concurrency (ms per step, means)."""
+    return steps.markdown([(c.path, c.concurrency, c.steps) for c in cells if c.steps], labels=("path", "concurrency"))
 
 
 def plot(cells: list[Cell], path: Path, title: str) -> None:

@@ -131,6 +131,25 @@ class StepClock:
             self.pending = []
 
 
+@contextmanager
+def recording(directory: str | os.PathLike[str] | None) -> Iterator[None]:
+    """Engine processes started inside this block record their steps under ``directory`` (the plugin
+    reads the variable where each engine process starts; Ray workers inherit it from a local
+    ``ray.init``). None: a no-op."""
+    if directory is None:
+        yield
+        return
+    saved = os.environ.get(ENV)
+    os.environ[ENV] = str(Path(directory).resolve())
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = saved
+
+
 def read(directory: str | os.PathLike[str], start: float = 0.0, end: float = float("inf")) -> list[dict[str, Any]]:
     """Every record under ``directory`` whose step began in [start, end) (wall clock)."""
     steps = []
@@ -175,9 +194,9 @@ COLUMNS: Final = (
 )
 
 
-def markdown(rows: list[tuple[str, int, dict[str, float]]]) -> str:
+def markdown(rows: list[tuple[str, int, dict[str, float]]], labels: tuple[str, str] = ("engine", "batch")) -> str:
     """One line per (engine, batch size, summary); times in ms per step."""
-    head = "| engine | batch | " + " | ".join(label for _, label in COLUMNS) + " |\n"
+    head = f"| {labels[0]} | {labels[1]} | " + " | ".join(label for _, label in COLUMNS) + " |\n"
     head += "|---|---|" + "---|" * len(COLUMNS) + "\n"
     lines = [
         f"| {name} | {batch} | " + " | ".join(

@@ -89,3 +89,16 @@ def test_the_table_has_a_line_per_cell():
     lines = table.strip().splitlines()
     assert len(lines) == 4 and lines[2].startswith("| target alone | 16 | 1 | 16.00 |")
     assert all(line.count("|") == lines[0].count("|") for line in lines)
+
+
+def test_recording_sets_the_variable_for_engines_started_inside_and_restores_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(steps.ENV, "/elsewhere")
+    with steps.recording(tmp_path / "a"):
+        assert steps.os.environ[steps.ENV] == str((tmp_path / "a").resolve())
+    assert steps.os.environ[steps.ENV] == "/elsewhere"
+    monkeypatch.delenv(steps.ENV)
+    with pytest.raises(RuntimeError), steps.recording(tmp_path / "b"):
+        raise RuntimeError("an engine failed")
+    assert steps.ENV not in steps.os.environ
+    with steps.recording(None):
+        assert steps.ENV not in steps.os.environ
