@@ -65,8 +65,14 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _beside(path: str, suffix: str) -> Path:
+    """out/engine.png -> out/engine_steps.png"""
+    p = Path(path)
+    return p.with_name(p.stem + suffix + p.suffix)
+
+
 def _bench_engine(a: argparse.Namespace) -> None:
-    from tandem_vllm.bench import engine
+    from tandem_vllm.bench import engine, steps
     from tandem_vllm.quality import read_prompts
 
     prompts = read_prompts(a.prompts)[: a.num_prompts]
@@ -88,11 +94,15 @@ def _bench_engine(a: argparse.Namespace) -> None:
     Path(a.json).with_suffix(".md").write_text(table)
     if a.plot:
         engine.plot(cells, Path(a.plot), f"{len(prompts)} prompts x {a.max_tokens} tokens, greedy, k={a.k}")
+        if a.step_times:
+            steps.plot([(c.row, c.batch_size, c.steps) for c in cells if c.steps], _beside(a.plot, "_steps"),
+                       "where an engine step's time goes")
     print(table)
 
 
 def _bench_serve(a: argparse.Namespace) -> None:
     from tandem_vllm.bench import serve as bench
+    from tandem_vllm.bench import steps
     from tandem_vllm.quality import read_prompts
     from tandem_vllm.serve.config import ServeConfig
 
@@ -117,6 +127,9 @@ def _bench_serve(a: argparse.Namespace) -> None:
     Path(a.json).with_suffix(".md").write_text(table)
     if a.plot:
         bench.plot(cells, Path(a.plot), f"{len(prompts)} prompts x {a.max_tokens} tokens, greedy, streaming")
+        if a.step_times:
+            steps.plot([(c.path, c.concurrency, c.steps) for c in cells if c.steps], _beside(a.plot, "_steps"),
+                       "where the engine's steps' time goes", unit="streams")
     print(table)
 
 

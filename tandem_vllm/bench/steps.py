@@ -206,3 +206,42 @@ def markdown(rows: list[tuple[str, int, dict[str, float]]], labels: tuple[str, s
         for name, batch, s in rows
     ]
     return head + "\n".join(lines) + "\n"
+
+
+# Stacked segments of one step (ms): each nested phase drawn once, its parent only for the remainder.
+SEGMENTS: Final = (
+    ("target forward", lambda s: s["target"]),
+    ("inputs + logits", lambda s: s["execute"] - s["target"]),
+    ("sampler", lambda s: s["sampler"]),
+    ("drafter forwards", lambda s: s["drafter"]),
+    ("drafting metadata, router", lambda s: s["draft"] - s["drafter"]),
+    ("bookkeeping", lambda s: s["sample"] - s["sampler"] - s["draft"]),
+    ("schedule, update, post", lambda s: s["schedule"] + s["update"] + s["post"]),
+    ("ipc + loop", lambda s: s["ipc"]),
+)
+
+
+def plot(rows: list[tuple[str, int, dict[str, float]]], path: Path, title: str, unit: str = "batch") -> None:
+    """One stacked bar per (engine, batch size): where a step's milliseconds go."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r[2].get("steps")]
+    fig, ax = plt.subplots(figsize=(11, 0.38 * len(rows) + 1.6))
+    labels = [f"{name} · {unit} {b}" for name, b, _ in rows]
+    left = np.zeros(len(rows))
+    for (segment, value), color in zip(SEGMENTS, plt.get_cmap("tab10").colors):
+        widths = np.array([max(value(s), 0.0) for _, _, s in rows])
+        ax.barh(labels, widths, left=left, color=color, label=segment)
+        left += widths
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per engine step")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend(fontsize=7, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    fig.suptitle(title, y=1.0, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

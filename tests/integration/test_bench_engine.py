@@ -46,6 +46,7 @@ def test_bench_engine_reports_every_row_lossless(tmp_path, capsys):
     assert all(2.5 <= by[(r, b)]["steps"]["passes"] <= 3 for r in rows[1:3] for b in (1, 2))
     assert by[(rows[3], 2)]["steps"]["passes"] < by[(rows[2], 2)]["steps"]["passes"]
     assert "↳ target fwd" in (tmp_path / "engine.md").read_text()
+    assert (tmp_path / "e_steps.png").stat().st_size > 0
 
 
 def test_bench_engine_rejects_a_bad_batch_size_list(capsys):

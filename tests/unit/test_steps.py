@@ -102,3 +102,11 @@ def test_recording_sets_the_variable_for_engines_started_inside_and_restores_it(
     assert steps.ENV not in steps.os.environ
     with steps.recording(None):
         assert steps.ENV not in steps.os.environ
+
+
+def test_the_plot_stacks_every_cells_phases(tmp_path):
+    s = steps.summary([{"kind": "engine", "t": 1.0, "total": 0.03, "tokens": 4, "schedule": 0.001},
+                       {"kind": "worker", "t": 1.0, "execute": 0.02, "target": 0.018, "sample": 0.008,
+                        "sampler": 0.001, "draft": 0.006, "drafter": 0.004, "passes": 3}])
+    steps.plot([("Tandem", 1, s), ("no steps", 4, {"steps": 0})], tmp_path / "s.png", "t")
+    assert (tmp_path / "s.png").stat().st_size > 0
