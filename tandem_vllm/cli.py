@@ -65,14 +65,19 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _beside(path: str, suffix: str) -> Path:
-    """out/engine.png -> out/engine_steps.png"""
-    p = Path(path)
-    return p.with_name(p.stem + suffix + p.suffix)
+def _step_report(rows: list[tuple[str, int, Any]], plot: str | None, labels: tuple[str, str], title: str) -> str:
+    """The --step-times table (returned) and, with --plot, its stacked bars beside the plot
+    (out/engine.png -> out/engine_steps.png). rows: (name, batch or concurrency, steps.summary)."""
+    from tandem_vllm.bench import steps
+
+    if plot:
+        path = Path(plot)
+        steps.plot(rows, path.with_name(path.stem + "_steps" + path.suffix), title, unit=labels[1])
+    return f"\n{title} (ms per step, means over the reported pass):\n\n" + steps.markdown(rows, labels)
 
 
 def _bench_engine(a: argparse.Namespace) -> None:
-    from tandem_vllm.bench import engine, steps
+    from tandem_vllm.bench import engine
     from tandem_vllm.quality import read_prompts
 
     prompts = read_prompts(a.prompts)[: a.num_prompts]
@@ -89,20 +94,16 @@ def _bench_engine(a: argparse.Namespace) -> None:
     engine.write_json(cells, Path(a.json), meta)
     table = engine.markdown(cells)
     if a.step_times:
-        table += "\nWhere an engine step's time goes (ms per step, means over the measured pass):\n\n"
-        table += engine.steps_markdown(cells)
+        table += _step_report([(c.row, c.batch_size, c.steps) for c in cells], a.plot, ("engine", "batch"),
+                              "Where an engine step's time goes")
     Path(a.json).with_suffix(".md").write_text(table)
     if a.plot:
         engine.plot(cells, Path(a.plot), f"{len(prompts)} prompts x {a.max_tokens} tokens, greedy, k={a.k}")
-        if a.step_times:
-            steps.plot([(c.row, c.batch_size, c.steps) for c in cells if c.steps], _beside(a.plot, "_steps"),
-                       "where an engine step's time goes")
     print(table)
 
 
 def _bench_serve(a: argparse.Namespace) -> None:
     from tandem_vllm.bench import serve as bench
-    from tandem_vllm.bench import steps
     from tandem_vllm.quality import read_prompts
     from tandem_vllm.serve.config import ServeConfig
 
@@ -122,14 +123,11 @@ def _bench_serve(a: argparse.Namespace) -> None:
     bench.write_json(cells, Path(a.json), meta)
     table = bench.markdown(cells)
     if a.step_times:
-        table += "\nWhere the engine's steps' time goes (ms per step, means over the reported pass):\n\n"
-        table += bench.steps_markdown(cells)
+        table += _step_report([(c.path, c.concurrency, c.steps) for c in cells], a.plot, ("path", "concurrency"),
+                              "Where the engine's steps' time goes")
     Path(a.json).with_suffix(".md").write_text(table)
     if a.plot:
         bench.plot(cells, Path(a.plot), f"{len(prompts)} prompts x {a.max_tokens} tokens, greedy, streaming")
-        if a.step_times:
-            steps.plot([(c.path, c.concurrency, c.steps) for c in cells if c.steps], _beside(a.plot, "_steps"),
-                       "where the engine's steps' time goes", unit="streams")
     print(table)
 
 

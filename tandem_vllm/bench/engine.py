@@ -199,8 +199,8 @@ def run(
             bar.update(1)
     bar.close()
     if step_times:
-        for c in cells:
-            c.steps = steps.summary(steps.read(step_times, *c.window))
+        for c, summary in zip(cells, steps.per_window(step_times, [c.window for c in cells])):
+            c.steps = summary
     base = {c.batch_size: c for c in cells if c.row == rows[0].name}
     for c in cells:
         ref = base[c.batch_size]
@@ -222,11 +222,6 @@ def markdown(cells: list[Cell]) -> str:
         for c in cells
     ]
     return head + "\n".join(lines) + "\n"
-
-
-def steps_markdown(cells: list[Cell]) -> str:
-    """Where the time of an engine step went, per row and batch size (ms per step, means)."""
-    return steps.markdown([(c.row, c.batch_size, c.steps) for c in cells if c.steps])
 
 
 def write_json(cells: list[Cell], path: Path, meta: dict[str, Any]) -> None:

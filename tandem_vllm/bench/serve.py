@@ -182,8 +182,8 @@ def run(*, url: str | None, config: ServeConfig, prompts: list[str], concurrenci
             bar.update(1)
     bar.close()
     if step_times:
-        for c in cells:
-            c.steps = steps.summary(steps.read(step_times, *c.window))
+        for c, summary in zip(cells, steps.per_window(step_times, [c.window for c in cells])):
+            c.steps = summary
     return cells
 
 
@@ -200,11 +200,6 @@ def write_json(cells: list[Cell], path: Path, meta: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [{k: v for k, v in asdict(c).items() if k != "window"} for c in cells]
     path.write_text(json.dumps({**meta, "cells": rows}, indent=2) + "\n")
-
-
-def steps_markdown(cells: list[Cell]) -> str:
-    """Where the engine's steps' time went per path and concurrency (ms per step, means)."""
-    return steps.markdown([(c.path, c.concurrency, c.steps) for c in cells if c.steps], labels=("path", "concurrency"))
 
 
 def plot(cells: list[Cell], path: Path, title: str) -> None:

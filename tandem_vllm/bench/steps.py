@@ -162,6 +162,12 @@ def read(directory: str | os.PathLike[str], start: float = 0.0, end: float = flo
     return sorted(steps, key=lambda s: s["t"])
 
 
+def per_window(directory: str | os.PathLike[str], windows: list[tuple[float, float]]) -> list[dict[str, float]]:
+    """``summary`` of the records in each [start, end) window, reading the directory once."""
+    records = read(directory)
+    return [summary([r for r in records if start <= r["t"] < end]) for start, end in windows]
+
+
 def summary(steps: list[dict[str, Any]]) -> dict[str, float]:
     """Mean milliseconds per step of every phase; "ipc" is the rest of the engine step (the model
     runner's phases subtracted: messages between the processes, the engine loop's own work);

@@ -353,7 +353,7 @@ def _no_draft_handover_after_k0_steps(scheduler_cls: Any, engine_core_cls: Any) 
     @functools.wraps(schedule)
     def _schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
         out = schedule(self, *args, **kwargs)
-        self.tandem_drafts_wanted = self.num_spec_tokens > 0 and out.num_spec_tokens_to_schedule > 0
+        self.tandem_drafts_wanted = out.num_spec_tokens_to_schedule > 0
         return out
 
     @functools.wraps(post_step)

@@ -72,6 +72,8 @@ def test_a_window_selects_one_cells_steps(tmp_path):
     assert steps.summary(steps.read(tmp_path, 15.0, 30.0))["total"] == 30.0
     assert steps.summary(steps.read(tmp_path, 15.0, 30.0))["target"] == 18.0
     assert steps.summary(steps.read(tmp_path, 0.0, 15.0))["target"] == 0.0
+    assert steps.per_window(tmp_path, [(15.0, 30.0), (0.0, 15.0)]) == [
+        steps.summary(steps.read(tmp_path, 15.0, 30.0)), steps.summary(steps.read(tmp_path, 0.0, 15.0))]
     assert steps.summary([]) == {"steps": 0}
 
 
