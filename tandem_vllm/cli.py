@@ -12,13 +12,14 @@ from tandem_vllm.errors import TandemError
 
 
 def _train(a: argparse.Namespace) -> None:
-    from tandem_vllm.train.args import ModelDims, TrainArgs
+    from tandem_vllm.train.args import ModelDims, TrainArgs, parse_blocks
     from tandem_vllm.train.trainer import train
 
-    args = TrainArgs(
+    block_min, block_size = parse_blocks(a.block_size)
+    args = TrainArgs(gen_data=tuple(a.gen_data or ()), gen_ratio=a.gen_ratio, block_min=block_min,
         kind=a.kind, out=a.out, data=tuple(a.data), target=a.target, tokenizer=a.tokenizer, eval_data=tuple(a.eval_data or ()),
         dims=ModelDims(layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads or a.heads, intermediate=a.intermediate),
-        taps=a.taps, block_size=a.block_size, seq_len=a.seq_len, batch_size=a.batch_size, grad_accum=a.grad_accum,
+        taps=a.taps, block_size=block_size, seq_len=a.seq_len, batch_size=a.batch_size, grad_accum=a.grad_accum,
         steps=a.steps, lr=a.lr, warmup=a.warmup, loss=a.loss, ce_fraction=a.ce_fraction, eval_every=a.eval_every,
         save_every=a.save_every, seed=a.seed, device=a.device, bf16=a.bf16, attn=a.attn, resume=a.resume,
     )
@@ -39,8 +40,15 @@ def _train_router(a: argparse.Namespace) -> None:
 def _eval(a: argparse.Namespace) -> None:
     from tandem_vllm.quality import markdown, quality_report, write_report
 
+    extra = {}
+    for item in a.extra or ():
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise TandemError(f"--extra {item!r}: expected NAME=DRAFTER_DIR")
+        extra[name] = path
     report = quality_report(target_dir=a.target, drafter_dir=a.drafter, baseline_dir=a.baseline, prompts_file=a.prompts,
-                            gammas=tuple(a.gammas), max_new_tokens=a.max_new_tokens, max_prompts=a.max_prompts)
+                            gammas=tuple(a.gammas), max_new_tokens=a.max_new_tokens, max_prompts=a.max_prompts,
+                            block=a.block, ngram=not a.no_ngram, extra=extra)
     stem = Path(a.json).with_suffix("")
     write_report(report, a.json, a.markdown or f"{stem}.md", a.plot or f"{stem}.png")
     print(markdown(report))
@@ -53,6 +61,33 @@ def _generate(a: argparse.Namespace) -> None:
     sampling = Sampling(temperature=a.temperature, top_p=a.top_p)
     run_generation(target=a.target, drafter=a.drafter, prompts=a.prompt, k=a.k, max_new_tokens=a.max_new_tokens,
                    sampling=sampling, mode=a.mode, seed=a.seed)
+
+
+def _gen_data(a: argparse.Namespace) -> None:
+    from tandem_vllm.train.args import parse_blocks
+    from tandem_vllm.train import gen_data
+
+    lo, hi = parse_blocks(a.prompt_tokens)
+    try:
+        engine_args = json.loads(a.engine_args)
+    except ValueError:
+        raise TandemError(f"--engine-args is not a JSON object: {a.engine_args!r}") from None
+    if not isinstance(engine_args, dict):
+        raise TandemError(f"--engine-args must be a JSON object of vllm.LLM arguments, got {a.engine_args!r}")
+    settings = gen_data.GenSettings(
+        target=a.target, out=a.out, corpus=tuple(a.corpus or ()), prompts=a.prompts, num_prompts=a.num_prompts,
+        prompt_tokens=(lo or hi, hi), temperatures=tuple(a.temperatures), top_p=a.top_p, max_tokens=a.max_tokens,
+        shard_size=a.shard_size, seed=a.seed, engine_args=engine_args,
+    )
+    if a.ray is not None:
+        import ray
+
+        ray.init(address=a.ray or None)
+        done = gen_data.run_on_ray(settings, engines=a.engines, num_gpus_per_engine=a.num_gpus_per_engine)
+    else:
+        done = gen_data.generate(settings)
+    print(json.dumps({"out": str(a.out), "prompts": done["prompts"], "shards": done["shards"],
+                      "written_shards": done["written_shards"], "written_tokens": done["written_tokens"]}))
 
 
 def _int_list(text: str) -> list[int]:
@@ -191,7 +226,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--kv-heads", type=int, default=0, help="default: --heads")
     t.add_argument("--intermediate", type=int, default=0, help="default: 8/3 * hidden")
     t.add_argument("--taps", default="span", help="tap map l(j): 'span' (embedding..final), 'uniform', 'top' or e.g. '0,8'")
-    t.add_argument("--block-size", type=int, default=2, help="gamma used in training")
+    t.add_argument("--block-size", default="2",
+                   help="training blocks: a length (2 = the paper's gamma_train) or a range such as 1-4, each block's "
+                        "length drawn from it (cover the k you serve)")
+    t.add_argument("--gen-data", type=Path, nargs="+", help="directories from `tandem-vllm gen-data` (the target's own text)")
+    t.add_argument("--gen-ratio", type=float, default=0.5, help="with --gen-data: fraction of each batch drawn from it")
     t.add_argument("--seq-len", type=int, default=256)
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--grad-accum", type=int, default=1)
@@ -208,6 +247,28 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--attn", choices=["auto", "sdpa", "flex"], default="auto", help="training attention; auto = flex on CUDA")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.set_defaults(func=_train)
+
+    gd = sub.add_parser("gen-data", help="training data from the target itself: its continuations of prompts, via vLLM",
+                        description="Writes JSONL shards of token ids (prompt + the target's completion, per temperature) "
+                                    "and a manifest naming the target; rerun the same command to resume.")
+    gd.add_argument("--target", type=Path, required=True, help="the target model directory")
+    gd.add_argument("--out", type=Path, required=True, help="output directory (shards + manifest.json)")
+    src = gd.add_mutually_exclusive_group(required=True)
+    src.add_argument("--corpus", type=Path, nargs="+", help="text/JSONL files to cut prompt windows from")
+    src.add_argument("--prompts", type=Path, help='JSONL of {"prompt": ...} or {"messages": [...]} rows')
+    gd.add_argument("--num-prompts", type=int, default=1024, help="corpus windows (or at most this many prompt rows)")
+    gd.add_argument("--prompt-tokens", default="16-96", help="corpus window length in tokens, a range such as 16-96")
+    gd.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0], help="one completion per prompt each; 0 = greedy")
+    gd.add_argument("--top-p", type=float, default=1.0)
+    gd.add_argument("--max-tokens", type=int, default=128, help="tokens per completion (match the trainer's --seq-len)")
+    gd.add_argument("--shard-size", type=int, default=256, help="prompts per shard")
+    gd.add_argument("--seed", type=int, default=0)
+    gd.add_argument("--engine-args", default="{}", help='extra vllm.LLM arguments as JSON, e.g. \'{"dtype": "bfloat16"}\'')
+    gd.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                    help="run on a Ray cluster with ray.data (no ADDRESS: a local Ray); --out must be shared storage")
+    gd.add_argument("--engines", type=int, default=1, help="--ray: vLLM engines (actors)")
+    gd.add_argument("--num-gpus-per-engine", type=float, default=0.0, help="--ray: GPUs per engine actor")
+    gd.set_defaults(func=_gen_data)
 
     r = sub.add_parser("train-router", help="fit the adaptive block-length router of a Tandem drafter",
                        description="Writes a new drafter directory (--out): the drafter's files plus the router. "
@@ -238,6 +299,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--gammas", type=int, nargs="+", default=[2, 3, 4, 5, 6, 7])
     e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--max-prompts", type=int, default=64)
+    e.add_argument("--block", type=int, default=3, help="the serving k: teacher-forced blocks and agreement by block position")
+    e.add_argument("--no-ngram", action="store_true", help="leave out the n-gram prompt-lookup rows")
+    e.add_argument("--extra", nargs="+", metavar="NAME=DIR", help="more drafters (Tandem or standalone) to report beside")
     e.set_defaults(func=_eval)
 
     g = sub.add_parser("generate", help="decode prompts with the reference Tandem decoders")

@@ -80,7 +80,7 @@ def verify(
     n_acc = ok.long().cumprod(1).sum(1)  # (B,)
     rows = torch.arange(b, device=p.device)
     q_n = q[rows, n_acc]  # (B, V)
-    p_n = torch.cat([p, torch.zeros_like(p[:, :1])], dim=1)[rows, n_acc]  # zero row after K: bonus = q[K]
+    p_n = torch.cat([p, p.new_zeros(b, 1, p.shape[-1])], dim=1)[rows, n_acc]  # zero row after K: bonus = q[K]
     residual = (q_n - p_n).clamp_min(0)
     mass = residual.sum(-1, keepdim=True)
     return n_acc, sample(torch.where(mass > 0, residual / mass.clamp_min(1e-30), q_n), gen)
@@ -183,6 +183,42 @@ class TandemProposer:
         self._extend(target_out, keep)
 
 
+class NgramProposer:
+    """vLLM's n-gram prompt lookup (``"method": "ngram"``), for the reference decoders: find the
+    longest n-gram (prompt_lookup_min..max tokens) ending the context that occurred earlier in it
+    (the earliest such occurrence), and propose the up-to-k tokens that followed it. No match, no
+    drafts: that step is the target's alone."""
+
+    def __init__(self, prompt_lookup_min: int = 2, prompt_lookup_max: int = 5) -> None:
+        self.lo, self.hi = prompt_lookup_min, prompt_lookup_max
+
+    def prefill(self, tokens: Tensor, valid: Tensor, target_out: StepOutput) -> None:
+        self.history = [row[ok].tolist() for row, ok in zip(tokens, valid)]
+        self.vocab_size = target_out.logits.shape[-1]
+
+    def lookup(self, ctx: list[int], k: int) -> list[int]:
+        for n in range(min(self.hi, len(ctx) - 1), self.lo - 1, -1):
+            suffix = ctx[-n:]
+            for start in range(len(ctx) - n):  # earliest occurrence, excluding the suffix itself
+                if ctx[start : start + n] == suffix:
+                    return ctx[start + n : start + n + k]
+        return []
+
+    def propose(
+        self, last: Tensor, positions: Tensor, k: int, s: Sampling, gen: torch.Generator
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        found = [self.lookup(h + [t], k) for h, t in zip(self.history, last.tolist())]
+        width = max(map(len, found))
+        drafts = torch.tensor([f + [0] * (width - len(f)) for f in found], dtype=torch.long, device=last.device)
+        drafts = drafts.reshape(len(found), width)  # (B, K')
+        probs = torch.nn.functional.one_hot(drafts, self.vocab_size).to(torch.float32)  # deterministic drafts
+        return drafts, probs, torch.tensor([len(f) for f in found], device=last.device)
+
+    def observe(self, block: Tensor, keep: Tensor, target_out: StepOutput) -> None:
+        for h, row, ok in zip(self.history, block.tolist(), keep.tolist()):
+            h.extend(t for t, o in zip(row, ok) if o)
+
+
 @dataclass
 class DecodeStats:
     target_passes: int = 0  # summed over rows while each row was generating (prefill included)
@@ -190,6 +226,12 @@ class DecodeStats:
     accepted: int = 0
     emitted: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)
+    attempted_per_pos: list[int] = field(default_factory=list)  # depth d drafted with drafts 1..d-1 accepted
+
+    @property
+    def depth_acceptance(self) -> list[float | None]:
+        """P(draft at depth d accepted | every draft before it was), d = 1..k: where drafting fails."""
+        return [a / n if n else None for a, n in zip(self.accepted_per_pos, self.attempted_per_pos)]
 
     @property
     def tau(self) -> float:
@@ -209,6 +251,8 @@ class DecodeStats:
             "tau": round(self.tau, 4),
             "acceptance_rate": round(self.acceptance_rate, 4),
             "accepted_per_pos": self.accepted_per_pos,
+            "attempted_per_pos": self.attempted_per_pos,
+            "depth_acceptance": [None if x is None else round(x, 4) for x in self.depth_acceptance],
         }
 
 
@@ -258,7 +302,7 @@ def generate(
         proposer.prefill(tokens, valid, out)
     last = sample(to_probs(out.logits[:, -1], sampling), gen)  # the prefill pass emits one token
     outs: list[list[int]] = [[t] for t in last.tolist()]
-    stats = DecodeStats(target_passes=len(prompts), emitted=len(prompts), accepted_per_pos=[0] * k)
+    stats = DecodeStats(target_passes=len(prompts), emitted=len(prompts), accepted_per_pos=[0] * k, attempted_per_pos=[0] * k)
     done = [_finished(o, max_new_tokens, eos_token_id) for o in outs]
     while not all(done):
         if proposer is None:
@@ -293,6 +337,8 @@ def generate(
             stats.emitted += len(outs[i]) - before
             for j in range(n):
                 stats.accepted_per_pos[j] += 1
+            for j in range(min(n + 1, proposed[i])):
+                stats.attempted_per_pos[j] += 1
             done[i] = _finished(outs[i], max_new_tokens, eos_token_id)
         last = nxt
     return Generation(tokens=outs, stats=stats)

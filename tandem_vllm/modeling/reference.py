@@ -91,19 +91,36 @@ def _flex_attention() -> Any:
     return torch.compile(flex_attention) if torch.cuda.is_available() else flex_attention
 
 
-def flex_block_causal_mask(seq_len: int, block_size: int, device: torch.device | str) -> Any:
-    """``block_causal_mask`` as a flex-attention BlockMask over the same (T, 2T) key layout."""
+def random_block_starts(batch: int, seq_len: int, lo: int, hi: int, gen: torch.Generator) -> Tensor:
+    """(B, T) block start of every position, each block's length drawn uniformly from lo..hi.
+
+    Speculative decoding's blocks are variable (a block ends wherever the target rejects a draft),
+    and a drafter serving k drafts runs block positions 0..k-1; training on such blocks covers them.
+    """
+    lens = torch.randint(lo, hi + 1, (batch, seq_len), generator=gen)  # T blocks always cover T positions
+    ends = lens.cumsum(1)  # (B, T) exclusive end of block n
+    pos = torch.arange(seq_len).expand(batch, seq_len).contiguous()
+    block = torch.searchsorted(ends, pos, right=True)  # (B, T) block index of each position
+    return (ends - lens).gather(1, block)
+
+
+def flex_block_causal_mask(
+    seq_len: int, block_size: int, device: torch.device | str, *, starts: Tensor | None = None
+) -> Any:
+    """``block_causal_mask`` (or ``mask_from_block_starts(starts)``, starts (B, T)) as a
+    flex-attention BlockMask over the same (T, 2T) key layout."""
     import warnings
 
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
-        start = (i // block_size) * block_size
+        start = (i // block_size) * block_size if starts is None else starts[b, i]
         return ((j < seq_len) & (j < start)) | ((j >= seq_len) & (j - seq_len >= start) & (j - seq_len <= i))
 
+    batch = None if starts is None else starts.shape[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # eager-mode notice on CPU
-        return create_block_mask(mask_mod, None, None, seq_len, 2 * seq_len, device=str(device))
+        return create_block_mask(mask_mod, batch, None, seq_len, 2 * seq_len, device=str(device))
 
 
 AttnBackend = Literal["sdpa", "flex"]
@@ -221,8 +238,8 @@ class TandemDrafter(nn.Module):
         h = self.model.embed_tokens(tokens)  # (B, T, D)
         cos, sin = self._rope(positions, h.dtype)
         mask: Any
-        if block_starts is None and self.attn_backend == "flex":
-            mask = flex_block_causal_mask(t, block_size or self.cfg.block_size, tokens.device)
+        if self.attn_backend == "flex":
+            mask = flex_block_causal_mask(t, block_size or self.cfg.block_size, tokens.device, starts=block_starts)
         elif block_starts is None:
             mask = block_causal_mask(t, block_size or self.cfg.block_size, tokens.device)[None, None]  # (1,1,T,2T)
         else:

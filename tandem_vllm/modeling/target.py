@@ -51,6 +51,20 @@ def load_causal_lm(path: str | Path, *, device: str = "cpu", dtype: torch.dtype 
     return LoadedLM(model=model, tokenizer=tokenizer, identity=target_identity(str(path), config, tokenizer))
 
 
+def load_identity(path: str | Path) -> tuple[TargetIdentity, Any]:
+    """A model directory's identity and tokenizer, without loading its weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(path)
+    read_config_json(path)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise TandemError(f"cannot load the model config or tokenizer in {path}: {_one_line(e)}") from None
+    return target_identity(str(path), config, tokenizer), tokenizer
+
+
 def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())[:300]
 

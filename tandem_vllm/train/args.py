@@ -58,7 +58,10 @@ class TrainArgs:
     eval_data: tuple[Path, ...] = ()  # default: the last 5% of packed sequences
     dims: ModelDims = field(default_factory=ModelDims)
     taps: str = "span"  # 'span', 'uniform', 'top' or a comma list of target tap indices
-    block_size: int = 2  # gamma_train (the paper's best: 2)
+    block_size: int = 2  # gamma_train (the paper's: 2); with block_min, the longest block
+    block_min: int = 0  # > 0: every block's length is drawn from block_min..block_size (variable blocks)
+    gen_data: tuple[Path, ...] = ()  # directories from `tandem-vllm gen-data` (the target's own continuations)
+    gen_ratio: float = 0.5  # with gen_data: the fraction of every batch drawn from it
     seq_len: int = 256
     batch_size: int = 8
     grad_accum: int = 1
@@ -86,6 +89,12 @@ class TrainArgs:
             raise TandemError("--kind lm needs --tokenizer DIR")
         if self.block_size < 1:
             raise TandemError(f"--block-size={self.block_size}; gamma must be at least 1")
+        if not 0 <= self.block_min <= self.block_size:
+            raise TandemError(f"--block-size {self.block_min}-{self.block_size}: need 1 <= min <= max")
+        if not 0 <= self.gen_ratio <= 1:
+            raise TandemError(f"--gen-ratio={self.gen_ratio}; it must lie in [0, 1]")
+        if self.gen_data and self.kind == "lm":
+            raise TandemError("--gen-data trains drafters (--kind tandem or baseline), not --kind lm")
         positive = ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "save_every")
         for name in positive:
             if getattr(self, name) < 1:
@@ -96,8 +105,24 @@ class TrainArgs:
             raise TandemError(f"--ce-fraction={self.ce_fraction}; it must lie in [0, 1]")
 
     # fields that must match when a run is resumed (the rest may change, e.g. eval cadence)
-    RUN_IDENTITY = ("kind", "target", "dims", "taps", "block_size", "seq_len", "batch_size", "grad_accum", "seed")
+    RUN_IDENTITY = ("kind", "target", "dims", "taps", "block_size", "block_min", "gen_data", "gen_ratio", "seq_len",
+                    "batch_size", "grad_accum", "seed")
 
     def identity(self) -> dict[str, Any]:
         d = asdict(self)
+        d["gen_data"] = [str(p) for p in self.gen_data]
         return {k: str(d[k]) if isinstance(d[k], Path) else d[k] for k in self.RUN_IDENTITY}
+
+    @property
+    def gen_rows(self) -> int:
+        """Rows of each micro-batch drawn from the generated data."""
+        return round(self.gen_ratio * self.batch_size) if self.gen_data else 0
+
+
+def parse_blocks(spec: str) -> tuple[int, int]:
+    """``--block-size``: ``"2"`` = fixed blocks of 2 -> (0, 2); ``"1-4"`` = lengths drawn from 1..4 -> (1, 4)."""
+    try:
+        lo, _, hi = spec.partition("-")
+        return (int(lo), int(hi)) if hi else (0, int(lo))
+    except ValueError:
+        raise TandemError(f"--block-size {spec!r}: expected a length such as 2 or a range such as 1-4") from None

@@ -75,9 +75,26 @@ def batch_indices(n_rows: int, batch_size: int, step: int, micro: int, accum: in
     start = (step * accum + micro) * batch_size
     idx = np.arange(start, start + batch_size)
     epochs, offsets = idx // n_rows, idx % n_rows
-    return np.array([_epoch_order(n_rows, seed, int(e))[o] for e, o in zip(epochs, offsets)])
+    return np.array([_epoch_order(n_rows, seed, int(e))[o] for e, o in zip(epochs, offsets)], dtype=np.int64)
 
 
 @lru_cache(maxsize=4)
 def _epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n_rows)
+
+
+def pack_generated(samples: list[Any], seq_len: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Generated sequences (``gen_data.Generated``: prompt ids + the target's completion) -> rows
+    (N, seq_len + 1) and a loss mask (N, seq_len) that is 1 where the label is a completion token.
+
+    The prompt is context only; a sequence too long keeps the prompt's tail (at least one token)
+    and the completion's head, one too short is padded (masked out)."""
+    rows = torch.full((len(samples), seq_len + 1), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(samples), seq_len, dtype=torch.long)
+    for r, s in enumerate(samples):
+        n_c = min(len(s.completion_ids), seq_len)
+        n_p = min(len(s.prompt_ids), seq_len + 1 - n_c)
+        seq = s.prompt_ids[len(s.prompt_ids) - n_p :] + s.completion_ids[:n_c]
+        rows[r, : len(seq)] = torch.tensor(seq)
+        mask[r, n_p - 1 : n_p - 1 + n_c] = 1  # label j is token j + 1
+    return rows, mask

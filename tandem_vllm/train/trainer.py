@@ -16,16 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from tandem_vllm.config import TandemConfig, parse_taps
 from tandem_vllm.errors import TandemError
-from tandem_vllm.modeling.reference import TandemDrafter
+from tandem_vllm.modeling.reference import TandemDrafter, random_block_starts
 from tandem_vllm.progress import progress_bar
 from tandem_vllm.modeling.target import LoadedLM, hidden_taps, load_causal_lm, num_layers
 from tandem_vllm.train.args import VLLM_CPU_HEAD_DIMS, TrainArgs
-from tandem_vllm.train.data import batch_indices, pack, read_texts
+from tandem_vllm.train.data import batch_indices, pack, pack_generated, read_texts
 from tandem_vllm.train.loss import ce_loss, distil_loss, tv_distance
 
 CKPT_DIR = "checkpoints"
@@ -98,39 +99,72 @@ def build_student(args: TrainArgs, teacher: LoadedLM | None, tok: Any) -> torch.
     return drafter
 
 
-def _forward(args: TrainArgs, student: Any, teacher: LoadedLM | None, inp: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Student logits (B, T, V) and, with a teacher, its logits (B, T, V)."""
+def _forward(
+    args: TrainArgs, student: Any, teacher: LoadedLM | None, inp: Tensor, starts: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Student logits (B, T, V) and, with a teacher, its logits (B, T, V). ``starts`` (B, T): each
+    position's block start for a Tandem student (default: fixed blocks of ``args.block_size``)."""
     if teacher is None:
         return student(input_ids=inp).logits, None
     with torch.no_grad():
         t_out = teacher.model(input_ids=inp, output_hidden_states=args.kind == "tandem")
     if args.kind == "tandem":
         taps = hidden_taps(t_out.hidden_states, student.cfg.tap_layers)
-        return student.forward_train(inp, taps), t_out.logits
+        return student.forward_train(inp, taps, args.block_size, block_starts=starts), t_out.logits
     return student(input_ids=inp).logits, t_out.logits
 
 
+def _block_starts(args: TrainArgs, batch: int, seq_len: int, step: int, micro: int, device: torch.device) -> Tensor | None:
+    """Variable blocks (``block_min`` > 0): a pure function of (seed, step, micro), so resumes are exact."""
+    if not args.block_min or args.kind != "tandem":
+        return None
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 64 + micro)
+    return random_block_starts(batch, seq_len, args.block_min, args.block_size, gen).to(device)
+
+
 @torch.no_grad()
-def evaluate(args: TrainArgs, student: Any, teacher: LoadedLM | None, rows: Tensor, device: torch.device) -> dict[str, float]:
-    """Held-out next-token accuracy and CE; with a teacher also agreement with its argmax and TV."""
+def evaluate(
+    args: TrainArgs, student: Any, teacher: LoadedLM | None, rows: Tensor, device: torch.device, masks: Tensor | None = None
+) -> dict[str, float]:
+    """Held-out next-token accuracy and CE; with a teacher also agreement with its argmax and TV.
+    ``masks`` (N, T): score only these labels (generated data: the completions)."""
     student.eval()
     sums: dict[str, float] = {}
-    n = 0
+    n = 0.0
     for i in range(0, min(len(rows), args.eval_batches * args.batch_size), args.batch_size):
         batch = rows[i : i + args.batch_size].to(device)
         inp, lab = batch[:, :-1], batch[:, 1:]
         logits, t_logits = _forward(args, student, teacher, inp)
-        mask = torch.ones_like(lab)
+        mask = torch.ones_like(lab) if masks is None else masks[i : i + args.batch_size].to(device)
+        m = mask.float()
         pred = logits.argmax(-1)
-        parts = {"ce": ce_loss(logits, lab, mask).item(), "accuracy": (pred == lab).float().mean().item()}
+        parts = {"ce": ce_loss(logits, lab, mask).item(), "accuracy": ((pred == lab).float() * m).sum().item() / m.sum().item()}
         if t_logits is not None:
-            parts["agreement"] = (pred == t_logits.argmax(-1)).float().mean().item()
-            parts["tv"] = tv_distance(logits, t_logits).mean().item()
+            parts["agreement"] = ((pred == t_logits.argmax(-1)).float() * m).sum().item() / m.sum().item()
+            parts["tv"] = (tv_distance(logits, t_logits) * m).sum().item() / m.sum().item()
         for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v * len(batch)
-        n += len(batch)
+            sums[k] = sums.get(k, 0.0) + v * m.sum().item()
+        n += m.sum().item()
     student.train()
     return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def _generated_rows(args: TrainArgs, teacher: LoadedLM | None, tok: Any) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """(train rows, train masks, held-out rows, held-out masks) of the generated data: the last 5%
+    of sequences (at least one) are held out."""
+    if not args.gen_data:
+        return None
+    from tandem_vllm.train.gen_data import read_generated
+
+    assert teacher is not None
+    samples = read_generated(args.gen_data, teacher.identity)
+    if len(samples) < 2:
+        raise TandemError(f"--gen-data holds {len(samples)} sequence(s); need 2+ to hold one out")
+    rows, masks = pack_generated(samples, args.seq_len, tok.eos_token_id or 0)
+    order = torch.from_numpy(np.random.default_rng([args.seed, 2]).permutation(len(rows)))
+    rows, masks = rows[order], masks[order]  # prompts x temperatures interleave: hold out a mix
+    n_eval = max(1, len(rows) // 20)
+    return rows[:-n_eval], masks[:-n_eval], rows[-n_eval:], masks[-n_eval:]
 
 
 def _schedule(args: TrainArgs) -> Any:
@@ -172,6 +206,7 @@ def train(args: TrainArgs, *, stop_after: int | None = None) -> TrainResult:
             raise TandemError(f"data packs into {len(rows)} sequence(s); need 2+ to hold one out (or pass --eval-data)")
         rows, eval_rows = rows[:-n_eval], rows[-n_eval:]
 
+    generated = _generated_rows(args, teacher, tok)
     student = build_student(args, teacher, tok).to(device)
     if args.attn == "flex" and device.type != "cuda":
         raise TandemError("--attn flex trains on CUDA only (flex attention has no CPU backward); use --attn sdpa")
@@ -187,16 +222,21 @@ def train(args: TrainArgs, *, stop_after: int | None = None) -> TrainResult:
     log = (args.out / "train_log.jsonl").open("a")
     bar = progress_bar(total=args.steps, initial=start, desc=f"train {args.kind}", disable=not args.progress, unit="step")
     t0, tokens_seen, metrics = time.perf_counter(), 0, {}
+    n_gen = args.gen_rows
     for step in range(start, args.steps):
         distil = teacher is not None and args.loss == "distil" and step >= args.ce_fraction * args.steps
         total = 0.0
         for micro in range(args.grad_accum):
-            idx = batch_indices(len(rows), args.batch_size, step, micro, args.grad_accum, args.seed)
-            batch = rows[torch.from_numpy(idx)].to(device)
+            idx = batch_indices(len(rows), args.batch_size - n_gen, step, micro, args.grad_accum, args.seed)
+            batch, mask = rows[torch.from_numpy(idx)], torch.ones(len(idx), args.seq_len, dtype=torch.long)
+            if generated is not None and n_gen:
+                g_idx = torch.from_numpy(batch_indices(len(generated[0]), n_gen, step, micro, args.grad_accum, args.seed + 1))
+                batch, mask = torch.cat([batch, generated[0][g_idx]]), torch.cat([mask, generated[1][g_idx]])
+            batch, mask = batch.to(device), mask.to(device)
             inp, lab = batch[:, :-1], batch[:, 1:]
+            starts = _block_starts(args, len(batch), args.seq_len, step, micro, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits, t_logits = _forward(args, student, teacher, inp)
-            mask = torch.ones_like(lab)
+                logits, t_logits = _forward(args, student, teacher, inp, starts)
             loss = distil_loss(logits, t_logits, lab, mask) if distil and t_logits is not None else ce_loss(logits, lab, mask)
             (loss / args.grad_accum).backward()
             total += loss.item() / args.grad_accum
@@ -210,7 +250,7 @@ def train(args: TrainArgs, *, stop_after: int | None = None) -> TrainResult:
         done = step + 1
         record: dict[str, Any] = {"step": done, "loss": total, "lr": sched.get_last_lr()[0]}
         if done % args.eval_every == 0 or done == args.steps:
-            metrics = evaluate(args, student, teacher, eval_rows, device)
+            metrics = _evaluate_all(args, student, teacher, eval_rows, generated, device)
             record["eval"] = metrics
             bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         log.write(json.dumps(record) + "\n")
@@ -224,9 +264,19 @@ def train(args: TrainArgs, *, stop_after: int | None = None) -> TrainResult:
     bar.close()
     log.close()
     if not metrics:
-        metrics = evaluate(args, student, teacher, eval_rows, device)
+        metrics = _evaluate_all(args, student, teacher, eval_rows, generated, device)
     _export(args, student.float(), tok, metrics)
     return TrainResult(out=args.out, steps=args.steps, metrics=metrics)
+
+
+def _evaluate_all(
+    args: TrainArgs, student: Any, teacher: LoadedLM | None, eval_rows: Tensor, generated: Any, device: torch.device
+) -> dict[str, float]:
+    """Held-out metrics on natural text, and (prefixed ``gen_``) on held-out generated sequences."""
+    metrics = evaluate(args, student, teacher, eval_rows, device)
+    if generated is not None:
+        metrics |= {f"gen_{k}": v for k, v in evaluate(args, student, teacher, generated[2], device, generated[3]).items()}
+    return metrics
 
 
 def _load_tokenizer(path: Path | None) -> Any:
