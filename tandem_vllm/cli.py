@@ -122,9 +122,10 @@ def _bench_engine(a: argparse.Namespace) -> None:
     )
     cells = engine.run(target=a.target, tandem=a.tandem, baseline=a.baseline, prompts=prompts, batch_sizes=a.batch_sizes,
                        max_tokens=a.max_tokens, k=a.k, fallback_batch_size=a.fallback_batch_size, engine_kwargs=engine_kwargs,
-                       repeat=a.repeat, tandem_router=a.tandem_router, step_times=a.step_times)
+                       repeat=a.repeat, tandem_router=a.tandem_router, step_times=a.step_times,
+                       temperature=a.temperature, ngram=not a.no_ngram)
     meta = {"target": a.target, "tandem": a.tandem, "tandem_router": a.tandem_router, "baseline": a.baseline,
-            "prompts": len(prompts),
+            "prompts": len(prompts), "temperature": a.temperature,
             "max_tokens": a.max_tokens, "k": a.k, "repeat": a.repeat, "engine": engine_kwargs}
     engine.write_json(cells, Path(a.json), meta)
     table = engine.markdown(cells)
@@ -133,7 +134,8 @@ def _bench_engine(a: argparse.Namespace) -> None:
                               "Where an engine step's time goes")
     Path(a.json).with_suffix(".md").write_text(table)
     if a.plot:
-        engine.plot(cells, Path(a.plot), f"{len(prompts)} prompts x {a.max_tokens} tokens, greedy, k={a.k}")
+        how = "greedy" if a.temperature == 0 else f"T={a.temperature:g}"
+        engine.plot(cells, Path(a.plot), f"{len(prompts)} prompts x {a.max_tokens} tokens, {how}, k={a.k}")
     print(table)
 
 
@@ -328,6 +330,9 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 16])
     be.add_argument("--max-tokens", type=int, default=64)
     be.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
+    be.add_argument("--temperature", type=float, default=0.0,
+                    help="0 = greedy (rows checked against target alone); > 0 samples, drafters drafting probabilistically")
+    be.add_argument("--no-ngram", action="store_true", help="leave out vLLM's n-gram prompt-lookup row")
     be.add_argument("--fallback-batch-size", type=int, default=8,
                     help="adaptive row: stop speculating at this many running requests (0: no adaptive row)")
     be.add_argument("--repeat", type=int, default=3, help="passes per cell; the median (by tokens/s) is reported")

@@ -8,8 +8,12 @@ streamed chunk arrives:
     tokens per step, so each gets its share of the step);
   * tokens/s = generated tokens / wall time of the whole batch-size run.
 tau (tokens per target pass) and the acceptance rate come from vLLM's own spec-decode counters, so
-they count exactly what the engine did. Greedy rows must reproduce target-alone output token for
-token; the report says whether they did.
+they count exactly what the engine did. vLLM's "mean acceptance length" (1 + accepted / drafting
+steps) leaves out steps where a drafter proposed nothing -- n-gram lookup without a match -- so tau
+here divides by every decode step: steps = generated tokens - one per request (the prefill's) -
+accepted drafts. Greedy rows must reproduce target-alone output token for token; the report says
+whether they did. Sampled runs (``temperature`` > 0) draft from the drafter's distribution
+(``draft_sample_method: probabilistic``) as tandem-vllm configures serving.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -38,6 +42,13 @@ class Row:
     speculative_config: dict[str, Any] | None
 
 
+NGRAM: Final = {"method": "ngram", "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+# Drafters sample their drafts (greedy requests still take the argmax) and hand their probabilities
+# to the rejection sampler; vLLM's default, "greedy", verifies a sampled request as if the drafter
+# were certain of its argmax and accepts far less (DESIGN.md section 5).
+SAMPLED_DRAFTS: Final = {"draft_sample_method": "probabilistic"}
+
+
 @dataclass
 class Cell:
     """One row at one batch size."""
@@ -51,9 +62,10 @@ class Cell:
     ttft_ms_mean: float
     itl_ms_p50: float
     itl_ms_p95: float
-    tau: float
+    tau: float  # tokens per decode step (target pass), steps with no drafts included
     acceptance_rate: float | None
     drafts: int  # speculation steps the engine counted (vLLM's num_drafts)
+    temperature: float = 0.0
     speedup: float = 1.0
     speedup_over_tau: float = 1.0
     lossless: bool | None = None
@@ -63,16 +75,19 @@ class Cell:
 
 
 def rows_for(
-    *, tandem: str, baseline: str | None, k: int, fallback_batch_size: int | None, tandem_router: str | None = None
+    *, tandem: str, baseline: str | None, k: int, fallback_batch_size: int | None, tandem_router: str | None = None,
+    ngram: bool = True,
 ) -> list[Row]:
     """The rows of one run. The adaptive row is the batch-size fallback, plus the learned router
     (``tandem_router``: a drafter directory from ``train-router``) when one is given."""
     rows = [Row("target alone", None)]
+    if ngram:
+        rows.append(Row(f"n-gram lookup (k={k})", {**NGRAM, "num_speculative_tokens": k}))
     if baseline:
-        rows.append(Row(f"SPEED (standalone drafter, k={k})", {"model": baseline, "num_speculative_tokens": k}))
-    rows.append(Row(f"Tandem+SPEED (k={k})", {"model": tandem, "num_speculative_tokens": k}))
+        rows.append(Row(f"SPEED (standalone drafter, k={k})", {"model": baseline, "num_speculative_tokens": k, **SAMPLED_DRAFTS}))
+    rows.append(Row(f"Tandem+SPEED (k={k})", {"model": tandem, "num_speculative_tokens": k, **SAMPLED_DRAFTS}))
     if tandem_router:
-        rows.append(Row(f"Tandem+SPEED router (k<={k})", {"model": tandem_router, "num_speculative_tokens": k}))
+        rows.append(Row(f"Tandem+SPEED router (k<={k})", {"model": tandem_router, "num_speculative_tokens": k, **SAMPLED_DRAFTS}))
     if fallback_batch_size:
         # vLLM's dynamic-K schedule: draft k tokens below the threshold, none at or above it.
         schedule = [(1, fallback_batch_size - 1, k), (fallback_batch_size, 1 << 20, 0)]
@@ -81,7 +96,7 @@ def rows_for(
             Row(
                 f"Tandem+SPEED adaptive ({how}, off at batch >= {fallback_batch_size})",
                 {"model": tandem_router or tandem, "num_speculative_tokens": k,
-                 "num_speculative_tokens_per_batch_size": schedule},
+                 "num_speculative_tokens_per_batch_size": schedule, **SAMPLED_DRAFTS},
             )
         )
     return rows
@@ -112,7 +127,8 @@ async def _cell(row: Row, one: Any, prompts: list[str], batch_size: int) -> Cell
         raise next(r for r in raw if isinstance(r, BaseException))
     d = {k: after[k] - before.get(k, 0.0) for k in after}
     s = latency_summary(results, seconds)
-    drafts = d.get("num_drafts", 0.0)
+    drafts, accepted = d.get("num_drafts", 0.0), d.get("num_accepted_tokens", 0.0)
+    decode_steps = s["tokens"] - len(results) - accepted  # each request's first token comes from its prefill
     return Cell(
         row=row.name,
         batch_size=batch_size,
@@ -123,7 +139,7 @@ async def _cell(row: Row, one: Any, prompts: list[str], batch_size: int) -> Cell
         ttft_ms_mean=s["ttft_ms_mean"],
         itl_ms_p50=s["itl_ms_p50"],
         itl_ms_p95=s["itl_ms_p95"],
-        tau=round(1 + d.get("num_accepted_tokens", 0.0) / drafts, 3) if drafts else 1.0,
+        tau=round(1 + accepted / decode_steps, 3) if decode_steps > 0 else 1.0,
         acceptance_rate=round(d["num_accepted_tokens"] / d["num_draft_tokens"], 4) if d.get("num_draft_tokens") else None,
         drafts=int(drafts),
         outputs=[r.tokens for r in results],
@@ -133,7 +149,7 @@ async def _cell(row: Row, one: Any, prompts: list[str], batch_size: int) -> Cell
 
 async def _bench_row(
     row: Row, *, target: str, prompts: list[str], batch_sizes: list[int], max_tokens: int, repeat: int,
-    engine_kwargs: dict[str, Any],
+    engine_kwargs: dict[str, Any], temperature: float = 0.0,
 ) -> list[Cell]:
     """Per batch size, the median (by tokens/s) of `repeat` passes. A warm-up pass over every prompt
     first, so every measured pass sees the same prefix-cache state (prompts cached: decode dominates)."""
@@ -143,7 +159,7 @@ async def _bench_row(
         model=target, speculative_config=row.speculative_config, disable_log_stats=False, **engine_kwargs
     )
     engine = AsyncLLMEngine.from_engine_args(args)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)
 
     async def one(prompt: str) -> Streamed:
         return await measure(_engine_stream(engine, prompt, params))
@@ -153,6 +169,7 @@ async def _bench_row(
         await closed_loop(one, prompts, max(batch_sizes))
         for b in batch_sizes:
             passes = sorted([await _cell(row, one, prompts, b) for _ in range(repeat)], key=lambda c: c.tokens_per_s)
+            passes[len(passes) // 2].temperature = temperature
             cells.append(passes[len(passes) // 2])
     finally:
         engine.shutdown()
@@ -173,13 +190,15 @@ def run(
     repeat: int = 3,
     tandem_router: str | None = None,
     step_times: str | None = None,
+    temperature: float = 0.0,
+    ngram: bool = True,
 ) -> list[Cell]:
     """Every row at every batch size. ``step_times``: a directory the engine processes record each
     step's phases into (bench/steps.py); each cell then carries the summary of its measured pass."""
     if not prompts:
         raise TandemError("the prompts file is empty; pass a JSONL file with one {\"prompt\": ...} per line")
     rows = rows_for(tandem=tandem, baseline=baseline, k=k, fallback_batch_size=fallback_batch_size,
-                    tandem_router=tandem_router)
+                    tandem_router=tandem_router, ngram=ngram)
     cells: list[Cell] = []
     bar = progress_bar(total=len(rows), desc="engine rows", unit="row")
     with steps.recording(step_times):
@@ -193,6 +212,7 @@ def run(
                     max_tokens=max_tokens,
                     repeat=repeat,
                     engine_kwargs=engine_kwargs,
+                    temperature=temperature,
                 )
             )
             gc.collect()  # drop the shut-down engine now, not during interpreter exit
@@ -206,7 +226,7 @@ def run(
         ref = base[c.batch_size]
         c.speedup = round(c.tokens_per_s / ref.tokens_per_s, 3)
         c.speedup_over_tau = round(c.speedup / c.tau, 3)
-        c.lossless = c.outputs == ref.outputs
+        c.lossless = c.outputs == ref.outputs if temperature == 0 else None  # sampled outputs differ by design
     return cells
 
 
@@ -218,10 +238,14 @@ def markdown(cells: list[Cell]) -> str:
     lines = [
         f"| {c.row} | {c.batch_size} | {c.tokens_per_s:.1f} | {c.ttft_ms_mean:.0f} | {c.itl_ms_p50:.1f} | "
         f"{c.itl_ms_p95:.1f} | {c.tau:.2f} | {'—' if c.acceptance_rate is None else f'{c.acceptance_rate:.3f}'} | "
-        f"**{c.speedup:.2f}×** | {c.speedup_over_tau:.2f} | {'yes' if c.lossless else 'NO'} |"
+        f"**{c.speedup:.2f}×** | {c.speedup_over_tau:.2f} | {_lossless(c.lossless)} |"
         for c in cells
     ]
     return head + "\n".join(lines) + "\n"
+
+
+def _lossless(ok: bool | None) -> str:
+    return "—" if ok is None else "yes" if ok else "NO"
 
 
 def write_json(cells: list[Cell], path: Path, meta: dict[str, Any]) -> None:

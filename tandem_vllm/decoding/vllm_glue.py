@@ -115,6 +115,13 @@ def _refuse_missing_local_drafter(speculative_config: dict[str, Any] | None) -> 
             raise TandemError(f"speculative_config model {model!r}: no such directory; pass a Tandem drafter directory")
 
 
+# vLLM drafts greedily by default and then verifies a sampled request as if the drafter were certain of
+# its argmax, so a draft is accepted with the target's probability of it. Sampling the draft and handing
+# its probabilities to the rejection sampler (accept with min(1, p/q)) is what lets a drafter that is
+# close to the target in distribution pay at T > 0 (ci pair, T=1, k=3: tau 1.21 -> 2.39). Greedy
+# requests still take the drafter's argmax.
+TANDEM_DRAFT_SAMPLING: Final = "probabilistic"
+
 # "0": K = 0 steps run vLLM's whole first drafting pass instead of writing context K/V alone (the same
 # cache contents, slower; kept to compare the two and as an escape hatch for an unusual backend).
 CONTEXT_ALONE_ENV: Final = "TANDEM_VLLM_CONTEXT_ALONE"
@@ -129,6 +136,7 @@ class TandemProposer(DraftModelProposer):
         spec = vllm_config.speculative_config
         self.tandem = checked_tandem_config(spec.draft_model_config.model, spec.num_speculative_tokens, vllm_config.model_config)
         super().__init__(vllm_config=vllm_config, device=device, runner=runner)
+        self._runner = runner
         # The runner reads this (EAGLE-3's field) to choose which target layers it returns; their
         # concatenation, in ascending layer order, is what ``propose`` receives as target_hidden_states.
         self.draft_model_config.hf_config.eagle_aux_hidden_state_layer_ids = sorted(set(self.tandem.tap_layers))
@@ -139,6 +147,22 @@ class TandemProposer(DraftModelProposer):
                            "cut; pass --no-async-scheduling to draft adaptively")
             self.router = None
         self.kept_lengths: list[int] | None = None  # per batch row, set by propose() when the router cut drafts
+
+    def _sample_from_logits(self, logits: Tensor, sampling_metadata: Any) -> tuple[Tensor, Tensor | None]:
+        """Sampled drafts (draft_sample_method=probabilistic), with seeded requests drafting from their
+        own generator: vLLM draws every draft from the global RNG, so a seed would no longer fix the
+        text (drafts, hence what is accepted, would depend on the other requests in the batch).
+        Requests whose sample is discarded (partial prefill) keep their generator untouched."""
+        tokens, probs = super()._sample_from_logits(logits, sampling_metadata)
+        gens = sampling_metadata.generators
+        if probs is None or not gens or self._runner is None or logits.shape[0] != self._runner.input_batch.num_reqs:
+            return tokens, probs
+        discarded = self._runner.discard_request_mask.np
+        for i, gen in gens.items():
+            if not discarded[i]:
+                noise = torch.empty_like(probs[i]).exponential_(generator=gen)  # Gumbel-max, as vLLM samples
+                tokens[i] = (probs[i] / noise).argmax()
+        return tokens, probs
 
     def load_model(self, target_model: torch.nn.Module) -> None:
         super().load_model(target_model)
@@ -485,6 +509,10 @@ def install() -> None:
         drafter_dir = _local_tandem_dir(requested.get("model"))
         if drafter_dir is not None:  # before vLLM's own checks, whose messages say less
             checked_tandem_config(drafter_dir, requested.get("num_speculative_tokens"), target_model_config)
+            if "draft_sample_method" not in requested:
+                self.speculative_config = {**requested, "draft_sample_method": TANDEM_DRAFT_SAMPLING}
+                logger.info("Tandem drafter: draft_sample_method=%r (sampled requests draft from the drafter's "
+                            "distribution; pass draft_sample_method to choose)", TANDEM_DRAFT_SAMPLING)
         spec = make_spec(self, target_model_config, *args, **kwargs)
         if drafter_dir is None and spec is not None and is_tandem_checkpoint(spec.draft_model_config):
             checked_tandem_config(spec.draft_model_config.model, spec.num_speculative_tokens, target_model_config)

@@ -247,7 +247,7 @@ def generate(s: GenSettings) -> dict[str, Any]:
     if pending:
         writer = ShardWriter(s, prompts, fingerprint)
         total = sum(hi - lo for lo, hi in ranges) * len(s.temperatures)
-        done = (len(ranges) - len(pending)) and sum(ranges[i][1] - ranges[i][0] for i in range(len(ranges)) if i not in pending)
+        done = sum(hi - lo for i, (lo, hi) in enumerate(ranges) if i not in pending)
         bar = progress_bar(total=total, initial=done * len(s.temperatures), desc="gen-data", unit="seq", disable=not s.progress)
         for i in pending:
             tokens += writer.write(i, *ranges[i])

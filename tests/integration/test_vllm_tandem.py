@@ -119,37 +119,82 @@ def test_tau_through_vllm_matches_the_reference_decoder(demo, tandem_llm, prompt
     assert d["num_draft_tokens"] == pytest.approx(ref.stats.drafted, rel=0.02)
 
 
-def test_sampling_at_temperature_keeps_the_target_distribution(demo, tandem_llm, prompts):
-    """Tokens 2 and 3 of each sample are emitted by verifying Tandem drafts; conditioned on the first
-    token, the second must follow the target's own T=0.8 distribution (chi-square), and the same
-    counts must be told apart from the T=1.0 distribution (the test has power)."""
+def _vllm_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """The distribution vLLM samples a token from: logits / T, then top-k, then top-p (vLLM's rule:
+    drop the tokens whose ascending cumulative probability stays <= 1 - p, never the most likely)."""
+    x = logits.double() / temperature
+    order = x.argsort()  # ascending
+    keep = torch.ones_like(x, dtype=torch.bool)
+    if top_k:
+        keep[order[: x.numel() - top_k]] = False
+    probs = torch.softmax(x.masked_fill(~keep, float("-inf")), -1)
+    if top_p < 1:
+        drop = probs[order].cumsum(0) <= 1 - top_p
+        drop[-1] = False
+        keep[order[drop]] = False
+        probs = torch.softmax(x.masked_fill(~keep, float("-inf")), -1)
+    return probs.numpy()
+
+
+def _chi2_pvalue(samples: list[int], probs: np.ndarray) -> float:
     from scipy.stats import chisquare
 
-    n, temperature = 1200, 0.8
+    expected = probs * len(samples)
+    common = np.flatnonzero(expected >= 5)
+    counts = np.bincount(samples, minlength=probs.size)
+    obs = np.append(counts[common], len(samples) - counts[common].sum())
+    exp = np.append(expected[common], len(samples) - expected[common].sum())
+    if exp[-1] < 1e-9:  # every token with mass is a "common" one
+        obs, exp = obs[:-1], exp[:-1]
+    return chisquare(obs, exp).pvalue
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (20, 0.9)])
+def test_sampling_keeps_the_target_distribution_at_every_draft_position(demo, tandem_llm, prompts, top_k, top_p):
+    """Tokens 2 and 3 of each sample come from verifying drafts at draft positions 1 and 2 (drafts
+    sampled from the drafter: draft_sample_method=probabilistic). Conditioned on the tokens before,
+    each must follow the target's own distribution under the request's temperature, top-k and top-p
+    (chi-square), and the same counts must be told apart from the plain T=1 distribution (power)."""
+    n, temperature = 6000, 0.8
     prompt = prompts[0]
-    params = vllm.SamplingParams(temperature=temperature, max_tokens=3)
-    outs = tandem_llm.generate([prompt] * n, params, use_tqdm=False)
-    samples = [list(o.outputs[0].token_ids) for o in outs]
-    first = max(set(s[0] for s in samples), key=[s[0] for s in samples].count)
-    second = [s[1] for s in samples if s[0] == first and len(s) > 1]
-    assert len(second) >= 300, f"only {len(second)} samples share the first token"
-
+    assert tandem_llm.llm_engine.vllm_config.speculative_config.draft_sample_method == "probabilistic"
+    params = vllm.SamplingParams(temperature=temperature, top_k=top_k or -1, top_p=top_p, max_tokens=3)
+    samples = [list(o.outputs[0].token_ids) for o in tandem_llm.generate([prompt] * n, params, use_tqdm=False)]
     target = load_causal_lm(demo["target"])
-    ids = target.tokenizer(prompt, add_special_tokens=False)["input_ids"] + [first]
-    with torch.no_grad():
-        logits = target.model(torch.tensor([ids])).logits[0, -1].double()
+    ids = target.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for position in (1, 2):
+        prefixes = [tuple(s[:position]) for s in samples if len(s) > position]
+        prefix = max(set(prefixes), key=prefixes.count)
+        tokens = [s[position] for s in samples if tuple(s[:position]) == prefix]
+        assert len(tokens) >= 250, f"only {len(tokens)} samples share the prefix at position {position}"
+        with torch.no_grad():
+            logits = target.model(torch.tensor([ids + list(prefix)])).logits[0, -1]
+        assert _chi2_pvalue(tokens, _vllm_probs(logits, temperature, top_k, top_p)) > 1e-3, position
+        assert _chi2_pvalue(tokens, _vllm_probs(logits, 1.0)) < 1e-3, position
 
-    def pvalue(t: float) -> float:
-        probs = torch.softmax(logits / t, -1).numpy()
-        expected = probs * len(second)
-        common = np.flatnonzero(expected >= 5)
-        counts = np.bincount(second, minlength=probs.size)
-        obs = np.append(counts[common], len(second) - counts[common].sum())
-        exp = np.append(expected[common], len(second) - expected[common].sum())
-        return chisquare(obs, exp).pvalue
 
-    assert pvalue(temperature) > 1e-3
-    assert pvalue(1.0) < 1e-3
+def test_sampled_requests_draft_from_the_drafter_distribution(demo, tandem_llm, prompts):
+    """Tandem drafters default to draft_sample_method=probabilistic: at T=1 the drafter's own
+    probabilities go to the rejection sampler and far more drafts are accepted than with vLLM's
+    default greedy drafting, which an explicit setting still selects."""
+    params = vllm.SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, seed=7)
+
+    def acceptance(llm) -> float:
+        before = _spec_counters(llm)
+        llm.generate(prompts[:32], params, use_tqdm=False)
+        after = _spec_counters(llm)
+        return float((after["num_accepted_tokens"] - before["num_accepted_tokens"])
+                     / (after["num_draft_tokens"] - before["num_draft_tokens"]))
+
+    sampled = acceptance(tandem_llm)
+    greedy_llm = vllm.LLM(model=demo["target"], speculative_config={
+        "model": demo["tandem"], "num_speculative_tokens": K, "draft_sample_method": "greedy"}, **ENGINE)
+    try:
+        assert greedy_llm.llm_engine.vllm_config.speculative_config.draft_sample_method == "greedy"
+        greedy = acceptance(greedy_llm)
+    finally:
+        _shutdown(greedy_llm)
+    assert sampled > greedy + 0.1, (sampled, greedy)
 
 
 def test_seeded_sampling_survives_chunked_prefill_and_repeats(tandem_llm, prompts):

@@ -4,7 +4,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tandem_vllm.modeling.reference import TandemDrafter, _apply_rope, block_causal_mask, rope_cos_sin
+from tandem_vllm.modeling.reference import (
+    TandemDrafter,
+    _apply_rope,
+    block_causal_mask,
+    random_block_starts,
+    rope_cos_sin,
+)
 from tandem_vllm.modeling.target import hidden_taps
 
 from ..conftest import tiny_tandem
@@ -118,7 +124,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_flex_attention_training_form_agrees_with_sdpa(target, device):
+@pytest.mark.parametrize("blocks", ["fixed", "variable"])
+def test_flex_attention_training_form_agrees_with_sdpa(target, device, blocks):
     """Flex runs forward-only on CPU (no CPU backward); on a GPU the gradients are compared too."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
@@ -126,12 +133,13 @@ def test_flex_attention_training_form_agrees_with_sdpa(target, device):
     tokens = torch.randint(0, 97, (2, 32))
     taps = _taps(target, drafter, tokens).float().to(device)
     tokens = tokens.to(device)
+    starts = random_block_starts(2, 32, 1, 4, torch.Generator().manual_seed(7)).to(device) if blocks == "variable" else None
     outs = {}
     for backend in ("sdpa", "flex"):
         drafter.attn_backend = backend
         drafter.zero_grad()
         with torch.set_grad_enabled(device == "cuda"):
-            logits = drafter.forward_train(tokens, taps)
+            logits = drafter.forward_train(tokens, taps, block_starts=starts)
         grads = []
         if device == "cuda":
             logits.square().mean().backward()
@@ -140,3 +148,41 @@ def test_flex_attention_training_form_agrees_with_sdpa(target, device):
     torch.testing.assert_close(outs["flex"][0], outs["sdpa"][0], atol=1e-4, rtol=1e-4)
     for g_flex, g_sdpa in zip(outs["flex"][1], outs["sdpa"][1]):
         torch.testing.assert_close(g_flex, g_sdpa, atol=1e-4, rtol=1e-4)
+
+
+def test_random_block_starts_draw_every_length_in_range():
+    gen = torch.Generator().manual_seed(0)
+    starts = random_block_starts(64, 40, 1, 4, gen)
+    i = torch.arange(40)
+    assert (starts[:, 0] == 0).all() and (starts <= i).all()
+    # a block is a run of equal starts beginning at its own position; its length lies in 1..4
+    lengths = []
+    for row in starts.tolist():
+        blocks = sorted(set(row))
+        assert all(row[b] == b for b in blocks)
+        lengths += [b2 - b1 for b1, b2 in zip(blocks, blocks[1:])]
+    assert set(lengths) == {1, 2, 3, 4}
+    assert torch.equal(random_block_starts(64, 40, 1, 4, torch.Generator().manual_seed(0)), starts)
+    fixed = random_block_starts(2, 9, 3, 3, gen)
+    assert torch.equal(fixed, (i[:9] // 3 * 3).expand(2, 9))
+
+
+def test_training_form_with_variable_blocks_equals_the_cached_form(qwen_target):
+    """Speculative decoding's blocks vary (each ends where a draft is rejected): the training form
+    with per-row block starts computes what the decoding cache computes block by block."""
+    drafter = tiny_tandem(qwen_target, layers=3)
+    tokens = torch.randint(0, 97, (2, 13))
+    taps = _taps(qwen_target, drafter, tokens)
+    starts = random_block_starts(2, 13, 1, 4, torch.Generator().manual_seed(3))
+    assert not torch.equal(starts[0], starts[1])  # rows differ: a per-row mask is exercised
+    want = drafter.forward_train(tokens, taps, block_starts=starts)
+    for row in range(2):
+        cache = drafter.new_cache(1, "cpu", torch.float64)
+        bounds = sorted(set(starts[row].tolist())) + [13]
+        got = []
+        for a, b in zip(bounds, bounds[1:]):
+            for i in range(a, b):
+                got.append(drafter.step(cache, tokens[row : row + 1, i : i + 1], torch.full((1, 1), i)))
+            drafter.extend_context(cache, taps[row : row + 1, a:b], torch.arange(a, b)[None], torch.ones(1, b - a, dtype=torch.bool))
+        torch.testing.assert_close(torch.cat(got, 1), want[row : row + 1])
+

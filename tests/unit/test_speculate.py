@@ -238,3 +238,36 @@ def test_greedy_tandem_with_a_qwen2_target_is_identical_to_target_alone(qwen_tar
     want = generate(qwen_target, PROMPTS, max_new_tokens=16).tokens
     got = generate(qwen_target, PROMPTS, max_new_tokens=16, proposer=TandemProposer(drafter), k=k, taps=(0, 3))
     assert got.tokens == want
+
+
+def test_ngram_lookup_takes_the_longest_match_at_its_earliest_occurrence():
+    ng = speculate.NgramProposer(prompt_lookup_min=2, prompt_lookup_max=3)
+    #        0  1  2  3  4  5  6  7  8  9
+    ctx = [1, 2, 3, 9, 1, 2, 3, 8, 2, 3]
+    # suffix (2, 3) occurs at 1 and 5 (earliest: 1); (x, 2, 3) with x=8 never occurred before
+    assert ng.lookup(ctx, 3) == [9, 1, 2]
+    assert ng.lookup(ctx + [9], 2) == [1, 2]  # (2, 3, 9) at 1: the longest match wins
+    assert ng.lookup([4, 5, 6, 4, 5], 4) == [6, 4, 5]  # fewer than k tokens follow the match
+    assert ng.lookup([1, 2, 3, 4], 3) == []  # no n-gram repeats: no drafts
+
+
+def test_ngram_decoding_is_lossless_and_counts_steps_without_drafts():
+    target = tiny_llama(vocab=6, layers=2, hidden=32, seed=31)  # a tiny vocabulary repeats n-grams
+    prompts = [[1, 2, 3, 1, 2, 3, 1, 2], [4, 5, 0], [3, 3, 3, 3]]
+    want = generate(target, prompts, max_new_tokens=20)
+    got = generate(target, prompts, max_new_tokens=20, proposer=speculate.NgramProposer(), k=3)
+    assert got.tokens == want.tokens
+    s = got.stats
+    assert s.accepted > 0 and s.target_passes < want.stats.target_passes
+    # every pass emits one token plus its accepted drafts, drafted or not
+    assert s.emitted <= s.target_passes + s.accepted  # (the last pass may overshoot max_new_tokens)
+    assert s.drafted < 3 * (s.target_passes - len(prompts))  # some steps found no n-gram
+    depth = s.depth_acceptance
+    assert s.attempted_per_pos[0] >= s.attempted_per_pos[1] >= s.attempted_per_pos[2]
+    assert all(x is None or 0 <= x <= 1 for x in depth)
+    assert s.attempted_per_pos[1] <= s.accepted_per_pos[0]  # depth 2 only after an accepted depth 1
+
+
+def test_depth_acceptance_is_conditional_on_every_earlier_draft():
+    s = speculate.DecodeStats(accepted_per_pos=[6, 3, 1], attempted_per_pos=[10, 6, 3])
+    assert s.depth_acceptance == [0.6, 0.5, 1 / 3]
