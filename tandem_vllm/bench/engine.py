@@ -7,11 +7,12 @@ streamed chunk arrives:
   * inter-token latency = gap between chunks / tokens in the later chunk (speculation emits several
     tokens per step, so each gets its share of the step);
   * tokens/s = generated tokens / wall time of the whole batch-size run.
-tau (tokens per target pass) and the acceptance rate come from vLLM's own spec-decode counters, so
-they count exactly what the engine did. vLLM's "mean acceptance length" (1 + accepted / drafting
-steps) leaves out steps where a drafter proposed nothing -- n-gram lookup without a match -- so tau
-here divides by every decode step: steps = generated tokens - one per request (the prefill's) -
-accepted drafts. Greedy rows must reproduce target-alone output token for token; the report says
+The acceptance rate comes from vLLM's own spec-decode counters. tau is tokens per decode step
+(target pass): vLLM's "mean acceptance length" (1 + accepted / drafting steps) leaves out steps where
+a drafter proposed nothing -- n-gram lookup without a match, the fallback's K = 0 steps -- and counts
+drafts accepted past max_tokens, so tau here is (tokens - one per request, the prefill's) / decode
+steps, each decode step being one streamed chunk (the engine emits one per step and request; the
+closed-loop client keeps up, so chunks are not merged). Greedy rows must reproduce target-alone output token for token; the report says
 whether they did. Sampled runs (``temperature`` > 0) draft from the drafter's distribution
 (``draft_sample_method: probabilistic``) as tandem-vllm configures serving.
 """
@@ -127,8 +128,8 @@ async def _cell(row: Row, one: Any, prompts: list[str], batch_size: int) -> Cell
         raise next(r for r in raw if isinstance(r, BaseException))
     d = {k: after[k] - before.get(k, 0.0) for k in after}
     s = latency_summary(results, seconds)
-    drafts, accepted = d.get("num_drafts", 0.0), d.get("num_accepted_tokens", 0.0)
-    decode_steps = s["tokens"] - len(results) - accepted  # each request's first token comes from its prefill
+    drafts = d.get("num_drafts", 0.0)
+    decode_steps = sum(r.chunks - 1 for r in results)  # each request's first chunk is its prefill's token
     return Cell(
         row=row.name,
         batch_size=batch_size,
@@ -139,7 +140,7 @@ async def _cell(row: Row, one: Any, prompts: list[str], batch_size: int) -> Cell
         ttft_ms_mean=s["ttft_ms_mean"],
         itl_ms_p50=s["itl_ms_p50"],
         itl_ms_p95=s["itl_ms_p95"],
-        tau=round(1 + accepted / decode_steps, 3) if decode_steps > 0 else 1.0,
+        tau=round((s["tokens"] - len(results)) / decode_steps, 3) if decode_steps > 0 else 1.0,
         acceptance_rate=round(d["num_accepted_tokens"] / d["num_draft_tokens"], 4) if d.get("num_draft_tokens") else None,
         drafts=int(drafts),
         outputs=[r.tokens for r in results],

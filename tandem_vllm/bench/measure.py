@@ -20,21 +20,23 @@ class Streamed:
     tokens: list[int]
     ttft: float  # seconds from submission to the first token
     itl: list[float] = field(default_factory=list)  # seconds, one per token after the first
+    chunks: int = 0  # chunks that brought tokens: one per engine step while the client keeps up
 
 
 async def measure(stream: AsyncIterator[list[int]]) -> Streamed:
     start = time.perf_counter()
-    last, seen, ttft, itl, tokens = start, 0, 0.0, [], []
+    last, seen, ttft, itl, tokens, chunks = start, 0, 0.0, [], [], 0
     async for tokens in stream:
         now = time.perf_counter()
         new = len(tokens) - seen
         if new > 0:
+            chunks += 1
             if seen == 0:
                 ttft = now - start
                 new -= 1  # the first token's latency is the TTFT
             itl += [(now - last) / max(new, 1)] * new
             last, seen = now, len(tokens)
-    return Streamed(list(tokens), ttft, itl)
+    return Streamed(list(tokens), ttft, itl, chunks)
 
 
 async def closed_loop(one: Callable[[str], Awaitable[Streamed]], prompts: list[str],

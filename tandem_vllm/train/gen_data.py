@@ -116,8 +116,8 @@ def file_prompts(path: Path, tokenizer: Any, limit: int) -> list[list[int]]:
         elif isinstance(row, dict) and _is_chat(row.get("messages")):
             if not getattr(tokenizer, "chat_template", None):
                 raise TandemError(f"{path}:{n} holds chat messages but the target's tokenizer has no chat template")
-            ids = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=True)
-            ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            text = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             raise TandemError(f"{path}:{n} needs a non-empty string \"prompt\" or a \"messages\" list of {{role, content}}")
         if ids:

@@ -33,10 +33,10 @@ def test_bench_engine_reports_every_row_lossless(tmp_path, capsys):
     by = {(c["row"], c["batch_size"]): c for c in cells}
     assert by[(target, 1)]["tau"] == 1.0 and by[(target, 1)]["speedup"] == 1.0
     assert all(by[(r, 1)]["acceptance_rate"] is not None for r in (speed, tandem, adaptive))
-    # tau counts every decode step, drafted or not: tokens = requests (prefill) + steps + accepted
+    # tau counts every decode step, drafted or not, so the decode steps (tokens - requests) / tau are
+    # at least the steps that drafted (less the drafting steps of the last pass whose tokens were cut)
     for c in cells:
-        steps_taken = c["tokens"] / c["tau"] if c["row"] != target else None
-        assert c["tau"] >= 1.0 and (steps_taken is None or steps_taken >= c["drafts"] * c["tau"] - 1e-6 or c["drafts"] == 0)
+        assert c["tau"] >= 1.0 and (c["tokens"] - 3) / c["tau"] >= c["drafts"] - 3, c
     # the adaptive row stops drafting whenever the fallback batch size is running
     assert by[(adaptive, 2)]["drafts"] < by[(tandem, 2)]["drafts"]
     assert by[(adaptive, 1)]["drafts"] == by[(tandem, 1)]["drafts"]

@@ -69,9 +69,17 @@ def test_quality_report_files(pair, tmp_path):
     write_report(rep, tmp_path / "r.json", tmp_path / "r.md", tmp_path / "r.png")
     saved = json.loads((tmp_path / "r.json").read_text())
     assert set(saved["teacher_forced"]) == {"target", "baseline", "tandem"}
+    assert set(saved["teacher_forced_by_source"]) == {"natural", "target greedy", "target sampled"}
+    # on the target's own greedy text the target agrees with itself and its "accuracy" is 1
+    assert saved["teacher_forced_by_source"]["target greedy"]["target"]["accuracy"] == 1.0
+    assert len(saved["teacher_forced_by_source"]["natural"]["tandem"]["agreement_by_block_position"]) == 3
     assert set(saved["tau"]) == {"greedy", "sampled"}
+    assert set(saved["tau"]["sampled"]) == {"baseline", "tandem", "ngram"}
     assert set(saved["tau"]["sampled"]["tandem"]) == {"2", "5"}
-    assert "| Tandem / SPEED |" in (tmp_path / "r.md").read_text()
+    depth = saved["depth_acceptance"]["greedy"]["tandem"]["5"]
+    assert len(depth) == 5 and all(d is None or 0 <= d <= 1 for d in depth)
+    md = (tmp_path / "r.md").read_text()
+    assert "| Tandem / SPEED |" in md and "| n-gram lookup |" in md and "P(draft at depth d accepted" in md
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 
