@@ -48,7 +48,7 @@ def _eval(a: argparse.Namespace) -> None:
         extra[name] = path
     report = quality_report(target_dir=a.target, drafter_dir=a.drafter, baseline_dir=a.baseline, prompts_file=a.prompts,
                             gammas=tuple(a.gammas), max_new_tokens=a.max_new_tokens, max_prompts=a.max_prompts,
-                            block=a.block, ngram=not a.no_ngram, extra=extra)
+                            block=a.block, ngram=not a.no_ngram, eagle3_dir=a.eagle3, extra=extra)
     stem = Path(a.json).with_suffix("")
     write_report(report, a.json, a.markdown or f"{stem}.md", a.plot or f"{stem}.png")
     print(markdown(report))
@@ -123,8 +123,9 @@ def _bench_engine(a: argparse.Namespace) -> None:
     cells = engine.run(target=a.target, tandem=a.tandem, baseline=a.baseline, prompts=prompts, batch_sizes=a.batch_sizes,
                        max_tokens=a.max_tokens, k=a.k, fallback_batch_size=a.fallback_batch_size, engine_kwargs=engine_kwargs,
                        repeat=a.repeat, tandem_router=a.tandem_router, step_times=a.step_times,
-                       temperature=a.temperature, ngram=not a.no_ngram)
+                       temperature=a.temperature, ngram=not a.no_ngram, eagle3=a.eagle3)
     meta = {"target": a.target, "tandem": a.tandem, "tandem_router": a.tandem_router, "baseline": a.baseline,
+            "eagle3": a.eagle3,
             "prompts": len(prompts), "temperature": a.temperature,
             "max_tokens": a.max_tokens, "k": a.k, "repeat": a.repeat, "engine": engine_kwargs}
     engine.write_json(cells, Path(a.json), meta)
@@ -216,7 +217,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train a Tandem drafter, a standalone baseline drafter, or a plain LM")
-    t.add_argument("--kind", choices=["tandem", "baseline", "lm"], default="tandem")
+    t.add_argument("--kind", choices=["tandem", "baseline", "eagle3", "lm"], default="tandem",
+                   help="eagle3: an EAGLE-3 head (one layer) for vLLM's eagle3 method, trained on the same data and losses")
     t.add_argument("--target", type=Path, help="frozen target model directory (teacher)")
     t.add_argument("--tokenizer", type=Path, help="tokenizer directory (--kind lm without --target)")
     t.add_argument("--data", type=Path, nargs="+", required=True, help="text or JSONL files")
@@ -294,6 +296,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--target", type=Path, required=True)
     e.add_argument("--drafter", type=Path, required=True, help="Tandem drafter directory")
     e.add_argument("--baseline", type=Path, help="standalone drafter directory")
+    e.add_argument("--eagle3", type=Path, help="EAGLE-3 head directory (`train --kind eagle3`)")
     e.add_argument("--prompts", type=Path, required=True, help='JSONL, one {"prompt": ...} per line')
     e.add_argument("--json", required=True, help="report path; .md and .png are written beside it")
     e.add_argument("--markdown")
@@ -323,6 +326,7 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--target", required=True)
     be.add_argument("--tandem", required=True, help="Tandem drafter directory")
     be.add_argument("--baseline", help="standalone drafter directory (the SPEED row)")
+    be.add_argument("--eagle3", help="EAGLE-3 head directory (`train --kind eagle3`): a row with vLLM's eagle3 method")
     be.add_argument("--tandem-router", help="the Tandem drafter with a router (`train-router --out`): adds a router "
                                             "row and makes the adaptive row use it")
     be.add_argument("--prompts", required=True, help='JSONL, one {"prompt": ...} per line')

@@ -20,9 +20,19 @@ from typing import Any
 
 import torch
 
-from tandem_vllm.decoding.speculate import DraftModelProposer, NgramProposer, Proposer, Sampling, TandemProposer, generate
+from tandem_vllm.decoding.speculate import (
+    DraftModelProposer,
+    Eagle3Proposer,
+    NgramProposer,
+    Proposer,
+    Sampling,
+    TandemProposer,
+    generate,
+)
 from tandem_vllm.errors import TandemError
-from tandem_vllm.modeling.pairing import load_baseline_for, load_tandem_for
+from tandem_vllm.modeling.eagle3 import ARCHITECTURE as EAGLE3_ARCH
+from tandem_vllm.modeling.eagle3 import Eagle3Head
+from tandem_vllm.modeling.pairing import load_baseline_for, load_eagle3_for, load_tandem_for
 from tandem_vllm.modeling.reference import TandemDrafter
 from tandem_vllm.modeling.target import hidden_taps, load_causal_lm
 from tandem_vllm.progress import progress_bar
@@ -34,7 +44,7 @@ METRICS = ("accuracy", "ce", "agreement", "tv")
 # one drafter happens to predict); sampled tau (T=1) tracks the distributions' overlap.
 TAU_MODES = {"greedy": Sampling(), "sampled": Sampling(temperature=1.0)}
 NGRAM = {"prompt_lookup_min": 2, "prompt_lookup_max": 5}  # what the benchmarks configure in vLLM
-LABELS = {"baseline": "SPEED (standalone)", "tandem": "Tandem+SPEED", "ngram": "n-gram lookup"}
+LABELS = {"baseline": "SPEED (standalone)", "tandem": "Tandem+SPEED", "eagle3": "EAGLE-3", "ngram": "n-gram lookup"}
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -47,6 +57,9 @@ def read_prompts(path: str | Path) -> list[str]:
 def _drafter_logits(target_out: Any, drafter: Any, inp: torch.Tensor, block: int | None) -> torch.Tensor:
     if isinstance(drafter, TandemDrafter):
         return drafter.forward_train(inp, hidden_taps(target_out.hidden_states, drafter.cfg.tap_layers), block)
+    if isinstance(drafter, Eagle3Head):  # first draft step; entry i-1 predicts token i+1 like position i
+        step0 = drafter.forward_train(inp, hidden_taps(target_out.hidden_states, drafter.cfg.tap_layers), steps=1)[0]
+        return torch.cat([target_out.logits[:, :1], step0[:, :-1]], dim=1)
     return drafter(input_ids=inp).logits
 
 
@@ -63,9 +76,11 @@ def teacher_forced(
     for i, seq in enumerate(seqs):
         x = torch.tensor([seq])
         inp, lab = x[:, :-1], x[:, 1:]
-        t_out = target(input_ids=inp, output_hidden_states=isinstance(drafter, TandemDrafter))
+        t_out = target(input_ids=inp, output_hidden_states=isinstance(drafter, (TandemDrafter, Eagle3Head)))
         logits = t_out.logits if drafter is None else _drafter_logits(t_out, drafter, inp, block)
         first = max(0, (scored_from[i] if scored_from else 1) - 1)  # label j is token j + 1
+        if isinstance(drafter, Eagle3Head):
+            first = max(first, 1)  # EAGLE-3 drafts from a verified state: none before position 0
         logits, t_logits, lab = logits[:, first:], t_out.logits[:, first:], lab[:, first:]
         pred = logits.argmax(-1)
         agree = (pred == t_logits.argmax(-1))[0]
@@ -96,6 +111,8 @@ def _proposer(drafter: Any) -> tuple[Proposer, tuple[int, ...]]:
         return NgramProposer(**NGRAM), ()
     if isinstance(drafter, TandemDrafter):
         return TandemProposer(drafter), drafter.cfg.tap_layers
+    if isinstance(drafter, Eagle3Head):
+        return Eagle3Proposer(drafter), drafter.cfg.tap_layers
     return DraftModelProposer(drafter), ()
 
 
@@ -112,18 +129,24 @@ def quality_report(
     seed: int = 0,
     block: int = 3,
     ngram: bool = True,
+    eagle3_dir: str | Path | None = None,
     extra: dict[str, str | Path] | None = None,
 ) -> dict[str, Any]:
-    """``block``: the serving k the block-position agreement is measured at. ``extra``: more Tandem or
-    standalone drafters by name (e.g. variants of one recipe), reported beside the others."""
+    """``block``: the serving k the block-position agreement is measured at. ``eagle3_dir``: an EAGLE-3
+    head (``train --kind eagle3``). ``extra``: more drafters (Tandem, EAGLE-3 or standalone) by name,
+    e.g. variants of one recipe, reported beside the others."""
     target = load_causal_lm(target_dir)
     drafters: dict[str, Any] = {}
     if baseline_dir:
         drafters["baseline"] = load_baseline_for(target, baseline_dir).model
     drafters["tandem"] = load_tandem_for(target, drafter_dir)
+    if eagle3_dir:
+        drafters["eagle3"] = load_eagle3_for(target, eagle3_dir)
     for name, path in (extra or {}).items():
-        is_tandem = "TandemDrafterForCausalLM" in json.loads((Path(path) / "config.json").read_text()).get("architectures", [])
-        drafters[name] = load_tandem_for(target, path) if is_tandem else load_baseline_for(target, path).model
+        arch = json.loads((Path(path) / "config.json").read_text()).get("architectures", [])
+        drafters[name] = (load_tandem_for(target, path) if "TandemDrafterForCausalLM" in arch
+                          else load_eagle3_for(target, path) if EAGLE3_ARCH in arch
+                          else load_baseline_for(target, path).model)
     prompts = read_prompts(prompts_file)[:max_prompts]
     tok = target.tokenizer
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -155,6 +178,7 @@ def quality_report(
         "target": str(target_dir),
         "tandem": str(drafter_dir),
         "baseline": str(baseline_dir) if baseline_dir else None,
+        "eagle3": str(eagle3_dir) if eagle3_dir else None,
         "extra": {k: str(v) for k, v in (extra or {}).items()},
         "prompts": len(ids),
         "scored_tokens": sum(len(s) - 1 for s in ids),

@@ -77,7 +77,7 @@ class Cell:
 
 def rows_for(
     *, tandem: str, baseline: str | None, k: int, fallback_batch_size: int | None, tandem_router: str | None = None,
-    ngram: bool = True,
+    ngram: bool = True, eagle3: str | None = None,
 ) -> list[Row]:
     """The rows of one run. The adaptive row is the batch-size fallback, plus the learned router
     (``tandem_router``: a drafter directory from ``train-router``) when one is given."""
@@ -86,6 +86,8 @@ def rows_for(
         rows.append(Row(f"n-gram lookup (k={k})", {**NGRAM, "num_speculative_tokens": k}))
     if baseline:
         rows.append(Row(f"SPEED (standalone drafter, k={k})", {"model": baseline, "num_speculative_tokens": k, **SAMPLED_DRAFTS}))
+    if eagle3:
+        rows.append(Row(f"EAGLE-3 (k={k})", {"method": "eagle3", "model": eagle3, "num_speculative_tokens": k, **SAMPLED_DRAFTS}))
     rows.append(Row(f"Tandem+SPEED (k={k})", {"model": tandem, "num_speculative_tokens": k, **SAMPLED_DRAFTS}))
     if tandem_router:
         rows.append(Row(f"Tandem+SPEED router (k<={k})", {"model": tandem_router, "num_speculative_tokens": k, **SAMPLED_DRAFTS}))
@@ -193,13 +195,14 @@ def run(
     step_times: str | None = None,
     temperature: float = 0.0,
     ngram: bool = True,
+    eagle3: str | None = None,
 ) -> list[Cell]:
     """Every row at every batch size. ``step_times``: a directory the engine processes record each
     step's phases into (bench/steps.py); each cell then carries the summary of its measured pass."""
     if not prompts:
         raise TandemError("the prompts file is empty; pass a JSONL file with one {\"prompt\": ...} per line")
     rows = rows_for(tandem=tandem, baseline=baseline, k=k, fallback_batch_size=fallback_batch_size,
-                    tandem_router=tandem_router, ngram=ngram)
+                    tandem_router=tandem_router, ngram=ngram, eagle3=eagle3)
     cells: list[Cell] = []
     bar = progress_bar(total=len(rows), desc="engine rows", unit="row")
     with steps.recording(step_times):

@@ -219,6 +219,45 @@ class NgramProposer:
             h.extend(t for t, o in zip(row, ok) if o)
 
 
+class Eagle3Proposer:
+    """EAGLE-3 (vLLM's ``eagle3`` method) for the reference decoders: the head's first pass over the
+    newly verified positions (their target taps and the tokens that follow them), then draft steps
+    on its own states. Rows are drafted one at a time (``Eagle3Drafter`` holds one sequence)."""
+
+    def __init__(self, head: Any) -> None:
+        self.head = head
+
+    def prefill(self, tokens: Tensor, valid: Tensor, target_out: StepOutput) -> None:
+        from tandem_vllm.modeling.eagle3 import Eagle3Drafter
+
+        assert target_out.taps is not None, "target runner built without the head's taps"
+        self.rows = [Eagle3Drafter(self.head) for _ in range(tokens.shape[0])]
+        self.pending = [(t[v], x[v], p[v]) for t, x, p, v in zip(tokens, target_out.taps, target_out.positions, valid)]
+
+    @torch.no_grad()
+    def propose(
+        self, last: Tensor, positions: Tensor, k: int, s: Sampling, gen: torch.Generator
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        drafts, probs = [], []
+        for row, (toks, taps, pos), bonus in zip(self.rows, self.pending, last):
+            # entry i carries token i+1: the verified tokens shifted by one, then the bonus token
+            logits, state = row.first_pass(torch.cat([toks[1:], bonus[None]]), taps, pos)
+            anchor, own, d_row, p_row = int(pos[-1]), [], [], []
+            for step in range(k):
+                if step:
+                    logits, state = row.step(d_row[-1], state, anchor + step, own)
+                p = to_probs(logits, s)
+                d_row.append(sample(p, gen))
+                p_row.append(p)
+            drafts.append(torch.stack(d_row))
+            probs.append(torch.stack(p_row))
+        return torch.stack(drafts), torch.stack(probs), None
+
+    def observe(self, block: Tensor, keep: Tensor, target_out: StepOutput) -> None:
+        assert target_out.taps is not None
+        self.pending = [(t[v], x[v], p[v]) for t, x, p, v in zip(block, target_out.taps, target_out.positions, keep)]
+
+
 @dataclass
 class DecodeStats:
     target_passes: int = 0  # summed over rows while each row was generating (prefill included)

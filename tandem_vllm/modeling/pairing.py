@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from tandem_vllm.config import check_target
 from tandem_vllm.errors import TandemError
@@ -27,3 +28,18 @@ def load_baseline_for(target: LoadedLM, path: str | Path, *, device: str = "cpu"
             f"{want.tokenizer_fingerprint}); a drafter must share the target's tokenizer"
         )
     return draft
+
+
+def load_eagle3_for(target: LoadedLM, path: str | Path) -> Any:
+    """An EAGLE-3 head exported by ``tandem-vllm train --kind eagle3``, refused unless it was trained
+    against this target (its fc reads the target's states, its ids are the target's tokens)."""
+    from tandem_vllm.modeling.eagle3 import Eagle3Head
+
+    head = Eagle3Head.load(path)
+    want, got = head.cfg.target, target.identity
+    diffs = [f"{k} {getattr(want, k)} != {getattr(got, k)}" for k in ("hidden_size", "num_hidden_layers", "vocab_size",
+                                                                       "tokenizer_fingerprint") if getattr(want, k) != getattr(got, k)]
+    if diffs:
+        raise TandemError(f"EAGLE-3 head {path} was trained for target {want.name_or_path!r} but got "
+                          f"{got.name_or_path!r} ({'; '.join(diffs)}); train a head for this target")
+    return head.to(next(target.model.parameters()).dtype).eval()

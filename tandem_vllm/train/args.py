@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from tandem_vllm.errors import TandemError
 
-Kind = Literal["tandem", "baseline", "lm"]
+Kind = Literal["tandem", "baseline", "eagle3", "lm"]
 VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
@@ -48,7 +48,8 @@ class ModelDims:
 
 @dataclass(frozen=True)
 class TrainArgs:
-    """``tandem-vllm train``. ``kind``: tandem drafter, standalone baseline drafter, or a plain LM."""
+    """``tandem-vllm train``. ``kind``: tandem drafter, standalone baseline drafter, an EAGLE-3 head
+    (one layer, ``dims.layers`` ignored; ``block_size`` draft steps unrolled in training), or a plain LM."""
 
     kind: Kind
     out: Path
@@ -83,7 +84,7 @@ class TrainArgs:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.kind in ("tandem", "baseline") and self.target is None:
+        if self.kind in ("tandem", "baseline", "eagle3") and self.target is None:
             raise TandemError(f"--kind {self.kind} needs --target DIR (the frozen model to distil from)")
         if self.kind == "lm" and self.tokenizer is None and self.target is None:
             raise TandemError("--kind lm needs --tokenizer DIR")

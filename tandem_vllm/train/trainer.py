@@ -1,8 +1,11 @@
-"""The training loop: one loop for the Tandem drafter, the standalone baseline and plain LMs.
+"""The training loop: one loop for the Tandem drafter, the standalone baseline, an EAGLE-3 head and
+plain LMs.
 
 The target is frozen. Tandem and baseline see the same data order, schedule, initial weights
 (the Tandem drafter starts from the baseline's init plus fresh P_j) and losses, so their gap is
-the effect of attending to the target's representations (the paper's Tandem vs Gecko-Distil).
+the effect of attending to the target's representations (the paper's Tandem vs Gecko-Distil). The
+EAGLE-3 head (the drafter vLLM users pick today) gets the same data, schedule and losses, averaged
+over its unrolled draft steps.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch import Tensor
 
 from tandem_vllm.config import TandemConfig, parse_taps
 from tandem_vllm.errors import TandemError
+from tandem_vllm.modeling.eagle3 import Eagle3Head
 from tandem_vllm.modeling.reference import TandemDrafter, random_block_starts
 from tandem_vllm.progress import progress_bar
 from tandem_vllm.modeling.target import LoadedLM, hidden_taps, load_causal_lm, num_layers
@@ -77,6 +81,9 @@ def _llama(vocab: int, args: TrainArgs, tok: Any) -> Any:
 def build_student(args: TrainArgs, teacher: LoadedLM | None, tok: Any) -> torch.nn.Module:
     vocab = teacher.identity.vocab_size if teacher else len(tok)
     torch.manual_seed(args.seed)
+    if args.kind == "eagle3":
+        assert teacher is not None
+        return _eagle3(args, teacher)
     base = _llama(vocab, args, tok)
     if args.kind != "tandem":
         return base
@@ -99,6 +106,36 @@ def build_student(args: TrainArgs, teacher: LoadedLM | None, tok: Any) -> torch.
     return drafter
 
 
+def _eagle3(args: TrainArgs, teacher: LoadedLM) -> Eagle3Head:
+    from tandem_vllm.modeling.eagle3 import Eagle3Config, default_taps, init_like_llama
+
+    n_layers = num_layers(teacher.model)
+    taps = default_taps(n_layers) if args.taps in ("span", "uniform", "top") else parse_taps(args.taps, 3, n_layers)
+    d = args.dims
+    cfg = Eagle3Config(vocab_size=teacher.identity.vocab_size, hidden_size=d.hidden, intermediate_size=d.ffn,
+                       num_attention_heads=d.heads, num_key_value_heads=d.kv_heads,
+                       target_hidden_size=teacher.identity.hidden_size, tap_layers=taps, target=teacher.identity,
+                       max_position_embeddings=max(2048, args.seq_len), ttt_steps=args.block_size)
+    head = Eagle3Head(cfg)
+    init_like_llama(head)
+    return head
+
+
+def _eagle3_loss(student: Eagle3Head, teacher: LoadedLM, inp: Tensor, lab: Tensor, mask: Tensor, distil: bool) -> Tensor:
+    """The mean over unrolled draft steps s of the drafters' loss: step s at entry i predicts token
+    i + s + 2, i.e. label i + s + 1, against the target's logits there."""
+    with torch.no_grad():
+        t_out = teacher.model(input_ids=inp, output_hidden_states=True)
+    steps = student.forward_train(inp, hidden_taps(t_out.hidden_states, student.cfg.tap_layers))
+    t = inp.shape[1]
+    losses = []
+    for s, logits in enumerate(steps):
+        sh = s + 1
+        lg, y, m, tl = logits[:, : t - sh], lab[:, sh:], mask[:, sh:], t_out.logits[:, sh:]
+        losses.append(distil_loss(lg, tl, y, m) if distil else ce_loss(lg, y, m))
+    return torch.stack(losses).mean()
+
+
 def _forward(
     args: TrainArgs, student: Any, teacher: LoadedLM | None, inp: Tensor, starts: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None]:
@@ -107,10 +144,13 @@ def _forward(
     if teacher is None:
         return student(input_ids=inp).logits, None
     with torch.no_grad():
-        t_out = teacher.model(input_ids=inp, output_hidden_states=args.kind == "tandem")
+        t_out = teacher.model(input_ids=inp, output_hidden_states=args.kind in ("tandem", "eagle3"))
     if args.kind == "tandem":
         taps = hidden_taps(t_out.hidden_states, student.cfg.tap_layers)
         return student.forward_train(inp, taps, args.block_size, block_starts=starts), t_out.logits
+    if args.kind == "eagle3":  # draft step 0, aligned: entry i-1 predicts token i+1 like position i
+        step0 = student.forward_train(inp, hidden_taps(t_out.hidden_states, student.cfg.tap_layers), steps=1)[0]
+        return torch.cat([t_out.logits[:, :1], step0[:, :-1]], dim=1), t_out.logits
     return student(input_ids=inp).logits, t_out.logits
 
 
@@ -136,6 +176,8 @@ def evaluate(
         inp, lab = batch[:, :-1], batch[:, 1:]
         logits, t_logits = _forward(args, student, teacher, inp)
         mask = torch.ones_like(lab) if masks is None else masks[i : i + args.batch_size].to(device)
+        if args.kind == "eagle3":  # position 0 has no earlier verified state to draft from
+            mask = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, 1:]], dim=1)
         m = mask.float()
         pred = logits.argmax(-1)
         parts = {"ce": ce_loss(logits, lab, mask).item(), "accuracy": ((pred == lab).float() * m).sum().item() / m.sum().item()}
@@ -236,8 +278,12 @@ def train(args: TrainArgs, *, stop_after: int | None = None) -> TrainResult:
             inp, lab = batch[:, :-1], batch[:, 1:]
             starts = _block_starts(args, len(batch), args.seq_len, step, micro, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits, t_logits = _forward(args, student, teacher, inp, starts)
-            loss = distil_loss(logits, t_logits, lab, mask) if distil and t_logits is not None else ce_loss(logits, lab, mask)
+                if args.kind == "eagle3":
+                    assert teacher is not None
+                    loss = _eagle3_loss(student, teacher, inp, lab, mask, distil)
+                else:
+                    logits, t_logits = _forward(args, student, teacher, inp, starts)
+                    loss = distil_loss(logits, t_logits, lab, mask) if distil and t_logits is not None else ce_loss(logits, lab, mask)
             (loss / args.grad_accum).backward()
             total += loss.item() / args.grad_accum
             tokens_seen += lab.numel()
@@ -343,7 +389,7 @@ def _save_checkpoint(ckpts: Path, step: int, student: Any, opt: Any, sched: Any)
 
 
 def _export(args: TrainArgs, student: Any, tok: Any, metrics: dict[str, float]) -> None:
-    if args.kind == "tandem":
+    if args.kind in ("tandem", "eagle3"):
         student.save(args.out)
     else:
         student.save_pretrained(args.out)

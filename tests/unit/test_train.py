@@ -283,3 +283,55 @@ def test_generated_data_of_another_target_or_broken_shards_are_refused(workdir, 
         _args(workdir, "lm", "lm-gen", gen_data=(partial,), tokenizer=workdir / "tok")
     with pytest.raises(TandemError, match="need 1 <= min <= max"):
         _args(workdir, "tandem", "bad-blocks", block_min=4, block_size=3)
+
+
+def test_eagle3_head_trains_exports_and_drafts_losslessly(workdir):
+    """The EAGLE-3 peer: trained by the same loop (draft steps unrolled), exported in vLLM's eagle3
+    layout, and lossless in the reference decoder."""
+    from tandem_vllm.decoding.speculate import Eagle3Proposer, generate
+    from tandem_vllm.modeling.eagle3 import ARCHITECTURE, Eagle3Head
+
+    res = train(_args(workdir, "eagle3", "eagle3", block_size=3, gen_data=(_fake_generated(workdir, workdir / "gen-e3"),)))
+    assert {"ce", "agreement", "gen_agreement"} <= res.metrics.keys()
+    raw = json.loads((workdir / "eagle3" / "config.json").read_text())
+    assert raw["architectures"] == [ARCHITECTURE] and raw["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 1, 1]
+    names = set(load_file(str(workdir / "eagle3" / "model.safetensors")))
+    assert {"fc.weight", "midlayer.hidden_norm.weight", "midlayer.self_attn.q_proj.weight", "lm_head.weight",
+            "embed_tokens.weight", "norm.weight"} <= names
+    head = Eagle3Head.load(workdir / "eagle3").double()
+    assert head.midlayer.self_attn.q_proj.weight.shape == (32, 64)  # attention reads [embedding ; state]
+    target = load_causal_lm(workdir / "target")
+    target.model.double()
+    tok = target.tokenizer
+    prompts = [tok("def main():\n    x = 1\n", add_special_tokens=False)["input_ids"], tok("import os", add_special_tokens=False)["input_ids"]]
+    want = generate(target.model, prompts, max_new_tokens=16).tokens
+    got = generate(target.model, prompts, max_new_tokens=16, proposer=Eagle3Proposer(head), k=3, taps=head.cfg.tap_layers)
+    assert got.tokens == want
+
+
+def test_eagle3_incremental_drafting_equals_the_training_form():
+    """The TTT training form and step-by-step drafting compute the same logits (a mismatch would
+    silently train the head for something decoding never asks)."""
+    import torch
+
+    from tandem_vllm.config import TargetIdentity
+    from tandem_vllm.modeling.eagle3 import Eagle3Config, Eagle3Drafter, Eagle3Head, init_like_llama
+
+    ident = TargetIdentity(name_or_path="t", architectures=("LlamaForCausalLM",), hidden_size=24, num_hidden_layers=4,
+                           vocab_size=50, tokenizer_fingerprint="x")
+    torch.manual_seed(0)
+    head = Eagle3Head(Eagle3Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                   num_key_value_heads=1, target_hidden_size=24, tap_layers=(1, 2, 3), target=ident))
+    init_like_llama(head, std=0.3)
+    head.double()
+    tokens = torch.randint(0, 50, (1, 12))
+    taps = torch.randn(1, 12, 3, 24, dtype=torch.float64)
+    steps = head.forward_train(tokens, taps, steps=3)
+    anchor = 6  # verified 0..6; drafts follow token 7
+    d = Eagle3Drafter(head)
+    logits, state = d.first_pass(tokens[0, 1 : anchor + 2], taps[0, : anchor + 1], torch.arange(anchor + 1))
+    torch.testing.assert_close(logits, steps[0][0, anchor])
+    own: list = []
+    for s in (1, 2):  # teacher-forced tokens, as in training
+        logits, state = d.step(tokens[0, anchor + s + 1], state, anchor + s, own)
+        torch.testing.assert_close(logits, steps[s][0, anchor])
