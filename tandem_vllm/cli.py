@@ -174,15 +174,17 @@ def _demo_build(a: argparse.Namespace) -> None:
 
     manifest = build(a.size, progress=not a.json)
     if a.json:
-        keys = ("target", "baseline", "tandem", "heldout_prompts")
-        print(json.dumps({k: manifest[k] for k in keys}))
+        keys = ("target", "baseline", "tandem", "eagle3", "heldout_prompts")
+        print(json.dumps({k: manifest[k] for k in keys if manifest.get(k)}))
     else:
         _print_build(manifest)
 
 
 def _print_build(m: dict[str, Any]) -> None:
     print(f"demo pair ({m['size']}), built in {m['build_seconds']} s")
-    for name in ("target", "baseline", "tandem"):
+    for name in ("target", "baseline", "tandem", "eagle3"):
+        if name not in m["eval"]:
+            continue
         ev = m["eval"][name]
         ppl = f"perplexity {2.718281828 ** ev['ce']:.2f}"
         extra = f", agreement with target {ev['agreement']:.3f}" if "agreement" in ev else ""

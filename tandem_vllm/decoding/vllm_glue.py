@@ -518,6 +518,31 @@ def install() -> None:
             checked_tandem_config(spec.draft_model_config.model, spec.num_speculative_tokens, target_model_config)
         return spec
 
+    make_engine_config = EngineArgs.create_engine_config
+    v2_unsupported = VllmConfig._get_v2_model_runner_unsupported_features
+
+    @functools.wraps(v2_unsupported)
+    def _get_v2_model_runner_unsupported_features(self: Any) -> list[str]:
+        # Model Runner V2 (vLLM's choice wherever Triton exists) builds its own speculators and would
+        # run a Tandem checkpoint as a plain draft model, without the target's context: name the
+        # feature so vLLM picks V1 and says why in its own log line.
+        found = v2_unsupported(self)
+        spec = self.speculative_config
+        if spec is not None and is_tandem_checkpoint(spec.draft_model_config):
+            found.append("a Tandem drafter (tandem-vllm's proposer runs on the V1 model runner)")
+        return found
+
+    @functools.wraps(make_engine_config)
+    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        config = make_engine_config(self, *args, **kwargs)
+        spec = config.speculative_config
+        if spec is not None and is_tandem_checkpoint(spec.draft_model_config) and config.use_v2_model_runner:
+            raise TandemError(
+                "VLLM_USE_V2_MODEL_RUNNER=1 forces vLLM's Model Runner V2, which has no Tandem proposer (the drafter "
+                "would draft without the target's context); unset it or set VLLM_USE_V2_MODEL_RUNNER=0"
+            )
+        return config
+
     @functools.wraps(make_runner)
     def __init__(self: Any, vllm_config: VllmConfig, *args: Any, **kwargs: Any) -> None:
         make_runner(self, vllm_config, *args, **kwargs)
@@ -550,4 +575,6 @@ def install() -> None:
 
     create_speculative_config._tandem_wrapped = True  # type: ignore[attr-defined]
     EngineArgs.create_speculative_config = create_speculative_config  # type: ignore[method-assign]
+    EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
+    VllmConfig._get_v2_model_runner_unsupported_features = _get_v2_model_runner_unsupported_features  # type: ignore[method-assign]
     gpu_model_runner.GPUModelRunner.__init__ = __init__  # type: ignore[method-assign]

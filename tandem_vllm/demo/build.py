@@ -56,6 +56,7 @@ class DemoRecipe:
     gen_tokens: int = 96  # tokens per continuation
     gen_temperatures: tuple[float, ...] = (0.0, 1.0)
     gen_ratio: float = 0.8  # fraction of each drafter batch drawn from the target's continuations
+    eagle3: bool = True  # also train an EAGLE-3 head (block_size draft steps unrolled) as a peer
     n_prompts: int = 64
     prompt_chars: int = 600
     heldout_percent: int = 5
@@ -161,6 +162,8 @@ def build(size: str = "ci", *, root: Path | None = None, progress: bool = True) 
                           save_every=max(1, recipe.drafter_steps // 8))
     results["baseline"] = _train_once(TrainArgs(kind="baseline", out=out / "baseline", **drafter_common))
     results["tandem"] = _train_once(TrainArgs(kind="tandem", out=out / "tandem", **drafter_common))
+    if recipe.eagle3:  # the peer vLLM users pick today: same width, data, budget and losses (one layer)
+        results["eagle3"] = _train_once(TrainArgs(kind="eagle3", out=out / "eagle3", **drafter_common))
 
     manifest = {
         "size": size,
@@ -168,6 +171,7 @@ def build(size: str = "ci", *, root: Path | None = None, progress: bool = True) 
         "target": str(base / "target"),
         "baseline": str(out / "baseline"),
         "tandem": str(out / "tandem"),
+        "eagle3": str(out / "eagle3") if recipe.eagle3 else None,
         "generated": [str(d) for d in gen_dirs],
         "heldout_prompts": str(prompts),
         "heldout_corpus": str(held_jsonl),
@@ -178,7 +182,7 @@ def build(size: str = "ci", *, root: Path | None = None, progress: bool = True) 
     tmp = manifest_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, manifest_path)
-    for path in (base / "target", out / "baseline", out / "tandem"):
+    for path in (base / "target", out / "baseline", out / "tandem", out / "eagle3"):
         shutil.rmtree(path / "checkpoints", ignore_errors=True)
     return manifest
 

@@ -2,7 +2,9 @@
 ``eagle3`` method -- the drafter vLLM users pick today, as a peer for Tandem on the same data and budget.
 
 EAGLE-3 (Li et al., 2025) reads the target's residual stream at three taps (low, middle, high) of the
-*last verified* position, fuses them with ``fc`` and runs ONE decoder layer whose attention input is
+*last verified* position, normalises each (``fc_norm``: a small model's residual stream has norms in
+the hundreds, which stalls learning through a plain linear map), fuses them with ``fc`` and runs ONE
+decoder layer whose attention input is
 [norm(embedding of the next token) ; norm(fused state)] (width 2D). Its output (before the final norm)
 is fed back as the next draft step's state, so drafting needs no target pass. The layout and weight
 names are vLLM's ``llama_eagle3.py`` (``midlayer.*``, ``fc``, ``norm``, ``lm_head``, ``embed_tokens``).
@@ -87,6 +89,7 @@ class Eagle3Config:
             "tie_word_embeddings": False,
             "torch_dtype": "float32",
             "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(self.tap_layers), "use_aux_hidden_state": True},
+            "fc_norm": True,
             "tandem_eagle3": {k: v for k, v in asdict(self).items() if k in ("ttt_steps", "tap_layers")}
             | {"target": self.target.model_dump(mode="json")},
         }
@@ -146,10 +149,15 @@ class Eagle3Head(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.fc_norm = nn.ModuleList([RMSNorm(cfg.target_hidden_size, cfg.rms_norm_eps) for _ in range(3)])
         self.fc = nn.Linear(3 * cfg.target_hidden_size, cfg.hidden_size, bias=False)
         self.midlayer = _MidLayer(cfg)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def fuse(self, taps: Tensor) -> Tensor:
+        """(..., 3, Dt) target states at the taps -> (..., D): per-tap RMSNorm, then fc."""
+        return self.fc(torch.cat([norm(taps[..., j, :]) for j, norm in enumerate(self.fc_norm)], dim=-1))
 
     def forward_train(self, tokens: Tensor, taps: Tensor, steps: int | None = None) -> list[Tensor]:
         """Teacher-forced TTT: tokens (B, T), taps (B, T, 3, Dt) the target's states at the tap layers.
@@ -159,7 +167,7 @@ class Eagle3Head(nn.Module):
         b, t = tokens.shape
         steps = steps or self.cfg.ttt_steps
         layer, attn = self.midlayer, self.midlayer.self_attn
-        state = self.fc(taps.flatten(2))  # (B, T, D) step 0: the fused taps at i
+        state = self.fuse(taps)  # (B, T, D) step 0: the fused taps at i
         i = torch.arange(t, device=tokens.device)
         keys: list[Tensor] = []
         values: list[Tensor] = []
@@ -246,7 +254,7 @@ class Eagle3Drafter:
     def first_pass(self, next_tokens: Tensor, taps: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """Newly verified positions (n,) with their target taps (n, 3, Dt) and the tokens that follow
         them (n,): cache their entries; returns the last entry's logits (V,) and state (D,)."""
-        state = self.head.fc(taps.flatten(1))  # (n, D)
+        state = self.head.fuse(taps)  # (n, D)
         q, k, v, _ = self._entries(next_tokens, state, positions)
         n = k.shape[1]
         past = 0 if self.k0 is None else self.k0.shape[1]

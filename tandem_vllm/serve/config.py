@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -52,6 +52,10 @@ class ServeConfig(BaseModel):
                                 "speculative_config={'model': drafter, 'num_speculative_tokens': ...}.")
     num_speculative_tokens: int = Field(3, ge=1, le=MAX_SPECULATIVE_TOKENS,
                                         description="Draft tokens proposed per verification step.")
+    draft_sample_method: Literal["probabilistic", "greedy"] = Field(
+        "probabilistic", description="With `drafter`: sampled requests draft from the drafter's distribution and "
+        "its probabilities go to the rejection sampler ('probabilistic'; greedy requests still take the argmax), "
+        "or draft its argmax as if certain ('greedy', vLLM's default, accepts far less at T > 0).")
     speculative_config: dict[str, Any] | None = Field(None, description="vLLM's speculative_config as a dict, "
                                                       "exactly as `vllm serve --speculative-config` takes it.")
     no_speculation: bool = Field(False, description="Serve the target alone (also for the demo pair).")
@@ -134,7 +138,8 @@ class ServeConfig(BaseModel):
         if self.speculative_config:
             return dict(self.speculative_config)
         if self.drafter:
-            return {"model": self.drafter, "num_speculative_tokens": self.num_speculative_tokens}
+            return {"model": self.drafter, "num_speculative_tokens": self.num_speculative_tokens,
+                    "draft_sample_method": self.draft_sample_method}
         return None
 
     def vllm_cli(self, *, on_cpu: bool) -> list[str]:

@@ -29,7 +29,7 @@ def test_demo_build_json_names_the_built_paths(pair):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     paths = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(paths) == {"target", "baseline", "tandem", "heldout_prompts"}
+    assert set(paths) == {"target", "baseline", "tandem", "eagle3", "heldout_prompts"}
     assert paths["tandem"] == pair[0]["tandem"]
 
 

@@ -347,3 +347,46 @@ def test_bad_tandem_settings_are_refused_before_the_engine_starts(demo, tmp_path
     args = EngineArgs(model=target, speculative_config={"model": drafter, "num_speculative_tokens": k})
     with pytest.raises(TandemError, match=message):
         args.create_engine_config()
+
+
+def test_eagle3_peer_through_vllm_matches_its_reference_decoder(demo, prompts, target_alone):
+    """The EAGLE-3 head the trainer exports loads in vLLM's own eagle3 method: greedy output is the
+    target's, and vLLM drafts and accepts exactly what the reference EAGLE-3 decoder does (so the
+    benchmark's EAGLE-3 row is the head we trained, computed as we compute it)."""
+    from tandem_vllm.decoding.speculate import Eagle3Proposer
+    from tandem_vllm.modeling.pairing import load_eagle3_for
+
+    llm = vllm.LLM(model=demo["target"], speculative_config={"method": "eagle3", "model": demo["eagle3"],
+                                                             "num_speculative_tokens": K}, **ENGINE)
+    try:
+        got = _greedy(llm, prompts[:16], 16)
+        d = _spec_counters(llm)
+    finally:
+        _shutdown(llm)
+    assert got == target_alone[:16]
+    target = load_causal_lm(demo["target"])
+    head = load_eagle3_for(target, demo["eagle3"])
+    ids = [target.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[:16]]
+    ref = generate(target.model, ids, max_new_tokens=MAX_TOKENS, proposer=Eagle3Proposer(head), k=K,
+                   taps=head.cfg.tap_layers, eos_token_id=target.tokenizer.eos_token_id)
+    assert ref.tokens == got
+    assert int(d["num_draft_tokens"]) == ref.stats.drafted and int(d["num_accepted_tokens"]) == ref.stats.accepted
+    assert ref.stats.accepted > 0
+
+
+def test_tandem_engines_take_the_v1_runner_where_vllm_would_pick_v2(demo, monkeypatch):
+    """vLLM picks Model Runner V2 wherever Triton exists (every CUDA GPU); V2 has no Tandem proposer,
+    so a Tandem engine must resolve to V1 there -- and a forced V2 must be refused, never silently
+    draft without the target's context. Resolved as a GPU machine would resolve it (Triton present)."""
+    import vllm.config.vllm as vllm_config_module
+    from vllm.engine.arg_utils import EngineArgs
+
+    monkeypatch.setattr(vllm_config_module, "HAS_TRITON", True)
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    standalone = EngineArgs(model=demo["target"], speculative_config={"model": demo["baseline"], "num_speculative_tokens": K})
+    assert standalone.create_engine_config().use_v2_model_runner  # what any other drafter gets on a GPU
+    tandem = EngineArgs(model=demo["target"], speculative_config={"model": demo["tandem"], "num_speculative_tokens": K})
+    assert not tandem.create_engine_config().use_v2_model_runner
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(TandemError, match="VLLM_USE_V2_MODEL_RUNNER=1 forces vLLM's Model Runner V2"):
+        tandem.create_engine_config()

@@ -21,7 +21,7 @@ def test_config_builds_the_vllm_serve_command_line():
     argv = cfg.vllm_cli(on_cpu=True)
     assert argv[argv.index("--model") + 1] == "/m/target"
     spec = json.loads(argv[argv.index("--speculative-config") + 1])
-    assert spec == {"model": "/m/tandem", "num_speculative_tokens": 5}
+    assert spec == {"model": "/m/tandem", "num_speculative_tokens": 5, "draft_sample_method": "probabilistic"}
     assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(512 * 2**20)  # a fixed CPU footprint
     assert "--kv-cache-memory-bytes" not in cfg.vllm_cli(on_cpu=False)  # GPU: vLLM's utilisation share
     assert argv[argv.index("--api-key") + 1] == "k" and argv[-1] == "--enable-prefix-caching"

@@ -296,7 +296,7 @@ def test_eagle3_head_trains_exports_and_drafts_losslessly(workdir):
     raw = json.loads((workdir / "eagle3" / "config.json").read_text())
     assert raw["architectures"] == [ARCHITECTURE] and raw["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 1, 1]
     names = set(load_file(str(workdir / "eagle3" / "model.safetensors")))
-    assert {"fc.weight", "midlayer.hidden_norm.weight", "midlayer.self_attn.q_proj.weight", "lm_head.weight",
+    assert {"fc.weight", "fc_norm.2.weight", "midlayer.hidden_norm.weight", "midlayer.self_attn.q_proj.weight", "lm_head.weight",
             "embed_tokens.weight", "norm.weight"} <= names
     head = Eagle3Head.load(workdir / "eagle3").double()
     assert head.midlayer.self_attn.q_proj.weight.shape == (32, 64)  # attention reads [embedding ; state]
