@@ -261,7 +261,11 @@ def generate(s: GenSettings) -> dict[str, Any]:
 def run_on_ray(s: GenSettings, *, engines: int = 1, num_gpus_per_engine: float = 0.0) -> dict[str, Any]:
     """The same shards through ``ray.data`` on the cluster ``ray.init()`` connects to: one
     ``ShardWriter`` (one vLLM engine) per actor. ``s.out`` must be storage every worker sees."""
-    import ray
+    try:
+        import ray
+        import ray.data
+    except ImportError as e:
+        raise TandemError(f"--ray needs Ray Data ({e.name} is missing): pip install 'ray[data]'") from None
 
     prompts, fingerprint, pending = _prepare(s)
     if pending:

@@ -84,3 +84,21 @@ def test_chat_prompts_and_bad_input(demo, tmp_path, capsys):
         main(["gen-data", "--target", demo["target"], "--out", str(tmp_path / "chat"), "--prompts", str(chats),
               "--max-tokens", "9", "--temperatures", "0"])
     assert "other settings (max_tokens)" in capsys.readouterr().err
+
+
+def test_the_ray_data_form_writes_the_same_shards(demo, tmp_path, capsys):
+    """`--ray`: the pending shards map over ray.data actors (one vLLM engine each) through the same
+    ShardWriter as the local loop, so both write identical shards."""
+    import ray
+
+    args = ["--num-prompts", "16", "--prompt-tokens", "8-16", "--max-tokens", "8", "--shard-size", "8"]
+    base = ["gen-data", "--target", demo["target"], "--corpus", demo["train_corpus"], *args]
+    main([*base, "--out", str(tmp_path / "local")])
+    try:
+        main([*base, "--out", str(tmp_path / "ray"), "--ray"])
+    finally:
+        ray.shutdown()
+    done = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert done["written_shards"] == 2
+    for name in ("shard-00000.jsonl", "shard-00001.jsonl"):
+        assert (tmp_path / "ray" / name).read_text() == (tmp_path / "local" / name).read_text()
