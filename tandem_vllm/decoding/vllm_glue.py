@@ -533,21 +533,22 @@ def install() -> None:
             found.append("a Tandem drafter (tandem-vllm's proposer runs on the V1 model runner)")
         return found
 
-    forced_v2 = TandemError(
-        "VLLM_USE_V2_MODEL_RUNNER=1 forces vLLM's Model Runner V2, which has no Tandem proposer (the drafter "
-        "would draft without the target's context); unset it or set VLLM_USE_V2_MODEL_RUNNER=0"
-    )
+    def forced_v2() -> TandemError:
+        return TandemError(
+            "VLLM_USE_V2_MODEL_RUNNER=1 forces vLLM's Model Runner V2, which has no Tandem proposer (the drafter "
+            "would draft without the target's context); unset it or set VLLM_USE_V2_MODEL_RUNNER=0"
+        )
 
     @functools.wraps(make_engine_config)
     def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
         # vLLM itself rejects a forced V2 once the feature above is named, in a pydantic error that does
         # not say what to do; say it first.
         if vllm_envs.VLLM_USE_V2_MODEL_RUNNER and _local_tandem_dir((self.speculative_config or {}).get("model")):
-            raise forced_v2
+            raise forced_v2()
         config = make_engine_config(self, *args, **kwargs)
         spec = config.speculative_config
         if spec is not None and is_tandem_checkpoint(spec.draft_model_config) and config.use_v2_model_runner:
-            raise forced_v2
+            raise forced_v2()
         return config
 
     @functools.wraps(make_runner)

@@ -128,6 +128,14 @@ class _Attention(nn.Module):
         return q, k, heads(self.v_proj(x), self.hk)
 
 
+@dataclass(frozen=True)
+class _MlpDims:
+    """What ``reference.MLP`` reads of a config."""
+
+    hidden_size: int
+    intermediate_size: int
+
+
 class _MidLayer(nn.Module):
     def __init__(self, cfg: Eagle3Config) -> None:
         super().__init__()
@@ -136,12 +144,6 @@ class _MidLayer(nn.Module):
         self.self_attn = _Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(_MlpDims(cfg.hidden_size, cfg.intermediate_size))  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
-class _MlpDims:
-    hidden_size: int
-    intermediate_size: int
 
 
 class Eagle3Head(nn.Module):
