@@ -86,7 +86,8 @@ class TandemServer:
         # the replica's health check restarts it instead, but the attribute must exist.
         app.state.server = types.SimpleNamespace()
         app.middleware_stack = None  # vLLM built it eagerly; let Starlette rebuild it with ours outermost
-        app.add_middleware(LimitsAndLogging, max_request_bytes=self.cfg.max_request_bytes, max_n=self.cfg.max_n)
+        app.add_middleware(LimitsAndLogging, max_request_bytes=self.cfg.max_request_bytes, max_n=self.cfg.max_n,
+                           extra_roles=tuple(self.cfg.extra_chat_roles))
         return app
 
     async def check_health(self) -> None:

@@ -80,6 +80,9 @@ class ServeConfig(BaseModel):
     # --- request limits ---
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest HTTP request body accepted (413 above).")
     max_n: int = Field(8, ge=1, description="Largest `n` (completions per request) accepted.")
+    extra_chat_roles: list[str] = Field(default_factory=list, description="Chat roles accepted beyond OpenAI's "
+                                        "(system, developer, user, assistant, tool, function), for models whose chat "
+                                        "template defines more; any other role is answered 400.")
     # --- replicas (Ray Serve) ---
     num_replicas: int = Field(1, ge=1, description="Engine replicas, when autoscaling is not set.")
     autoscaling: Autoscaling | None = Field(None, description="Autoscaling bounds; overrides num_replicas.")

@@ -2,6 +2,10 @@
 
 Limits answer in OpenAI's error shape ({"error": {"message", "type", "param", "code"}}) before the
 request reaches the engine: a body over ``max_request_bytes`` is 413, ``n`` above ``max_n`` is 400.
+Chat messages are checked as OpenAI's API checks them (vLLM's app would render an unknown role or a
+user message without content through the chat template and answer 200): a role outside OpenAI's, or
+a system / developer / user / tool message with no content, is 400 naming ``messages[i].role`` or
+``messages[i].content``; ``extra_roles`` admits roles a model's chat template defines.
 The body is read once (it is bounded) and replayed to the app, so streaming responses are untouched.
 """
 
@@ -17,6 +21,8 @@ logger = logging.getLogger("tandem_vllm.serve")
 
 Scope = dict[str, Any]
 _GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+_CONTENT_REQUIRED = ("system", "developer", "user", "tool")  # assistant turns may carry tool calls instead
 
 
 def openai_error(status: int, message: str, *, type_: str = "BadRequestError", param: str | None = None) -> bytes:
@@ -24,10 +30,11 @@ def openai_error(status: int, message: str, *, type_: str = "BadRequestError", p
 
 
 class LimitsAndLogging:
-    def __init__(self, app: Callable, *, max_request_bytes: int, max_n: int) -> None:
+    def __init__(self, app: Callable, *, max_request_bytes: int, max_n: int, extra_roles: tuple[str, ...] = ()) -> None:
         self.app = app
         self.max_request_bytes = max_request_bytes
         self.max_n = max_n
+        self.roles = OPENAI_ROLES + tuple(r for r in extra_roles if r not in OPENAI_ROLES)
 
     async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -85,7 +92,28 @@ class LimitsAndLogging:
         if isinstance(n, int) and not isinstance(n, bool) and n > self.max_n:
             return (400, openai_error(400, f"n={n} exceeds this server's limit of {self.max_n} completions "
                                       f"per request", param="n")), receive
+        if scope["path"] == "/v1/chat/completions" and (bad := chat_message_error(_field(body, "messages"), self.roles)):
+            message, param = bad
+            return (400, openai_error(400, message, param=param)), receive
         return None, _replay([{"type": "http.request", "body": body, "more_body": False}], then=receive)
+
+
+def chat_message_error(messages: Any, roles: tuple[str, ...]) -> tuple[str, str] | None:
+    """(message, param) for the first chat message OpenAI's API would refuse, else None. Shapes other
+    than a list of objects are left to vLLM's own validation (it answers them with 400 already)."""
+    if not isinstance(messages, list):
+        return None
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            continue
+        role = m.get("role")
+        if role not in roles:
+            supported = ", ".join(f"'{r}'" for r in roles)
+            return f"Invalid value: {role!r}. Supported values are: {supported}.", f"messages[{i}].role"
+        content = m.get("content")
+        if role in _CONTENT_REQUIRED and (content is None or content == []):
+            return f"Missing required parameter: 'messages[{i}].content'.", f"messages[{i}].content"
+    return None
 
 
 def _field(body: bytes, name: str) -> Any:

@@ -217,3 +217,32 @@ def test_serve_cli_refuses_a_missing_model_in_one_line(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tandem-vllm: error:") and "no config.json" in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    ("messages", "param", "fragment"),
+    [
+        ([{"role": "wizard", "content": "hi"}], "messages[0].role", "Invalid value: 'wizard'"),
+        ([{"role": "system", "content": "be brief"}, {"role": "user"}], "messages[1].content", "Missing required"),
+        ([{"role": "user", "content": None}], "messages[0].content", "Missing required"),
+    ],
+)
+def test_chat_messages_are_checked_as_openai_checks_them(messages, param, fragment):
+    app = LimitsAndLogging(_echo, max_request_bytes=4096, max_n=2)
+    status, got = _call(app, json.dumps({"model": "m", "messages": messages}).encode(), path="/v1/chat/completions")
+    assert status == 400 and got["error"]["param"] == param and fragment in got["error"]["message"], got
+
+
+def test_valid_chat_and_extra_roles_pass_through():
+    ok = [{"role": "system", "content": "x"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+          {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function",
+                                                                  "function": {"name": "f", "arguments": "{}"}}]},
+          {"role": "tool", "content": "42", "tool_call_id": "1"}]
+    app = LimitsAndLogging(_echo, max_request_bytes=4096, max_n=2)
+    assert _call(app, json.dumps({"messages": ok}).encode(), path="/v1/chat/completions")[0] == 200
+    custom = json.dumps({"messages": [{"role": "ipython", "content": "out"}]}).encode()
+    assert _call(app, custom, path="/v1/chat/completions")[0] == 400
+    roomy = LimitsAndLogging(_echo, max_request_bytes=4096, max_n=2, extra_roles=("ipython",))
+    assert _call(roomy, custom, path="/v1/chat/completions")[0] == 200
+    # the completions route has no messages to check
+    assert _call(app, json.dumps({"prompt": "x", "messages": "not checked"}).encode())[0] == 200

@@ -119,6 +119,7 @@ nvidia-h100-80gb:
 {{- if not (kindIs "invalid" $v.engine.maxModelLen) }}{{ $_ := set $a "max_model_len" (int $v.engine.maxModelLen) }}{{ end }}
 {{- if not (kindIs "invalid" $v.engine.kvCacheMemoryBytes) }}{{ $_ := set $a "kv_cache_memory_bytes" (int64 $v.engine.kvCacheMemoryBytes) }}{{ end }}
 {{- with $v.engine.chatTemplate }}{{ $_ := set $a "chat_template" . }}{{ end }}
+{{- with $v.serve.extraChatRoles }}{{ $_ := set $a "extra_chat_roles" . }}{{ end }}
 {{- with $v.engine.extraArgs }}{{ $_ := set $a "vllm_args" . }}{{ end }}
 {{- if $v.serve.apiKey.enabled }}{{ $_ := set $a "api_key_env" "TANDEM_API_KEY" }}{{ end }}
 {{- if $v.serve.autoscaling.enabled }}
