@@ -5,11 +5,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tandem_vllm.config import TandemConfig, check_target
+from tandem_vllm.config import TandemConfig
 from tandem_vllm.demo.corpus import read_sources, stdlib_files, train_tokenizer
 from tandem_vllm.errors import TandemError
 from tandem_vllm.modeling.pairing import load_baseline_for, load_tandem_for
-from tandem_vllm.modeling.reference import TandemDrafter
 from tandem_vllm.modeling.target import load_causal_lm
 from tandem_vllm.train.args import ModelDims, TrainArgs
 from tandem_vllm.train.data import pack, read_texts
