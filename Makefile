@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install protos test demo clean
+.PHONY: install protos lint test demo clean
 
 install: $(VENV)/.installed
 
@@ -14,7 +14,12 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 protos: install
 	$(PY) -m tandem_vllm.serve.protos
 
-test: install protos
+# ruff (lint) and mypy (types) over the package, as part of every test run
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: install protos lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install protos

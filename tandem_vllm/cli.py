@@ -64,8 +64,8 @@ def _generate(a: argparse.Namespace) -> None:
 
 
 def _gen_data(a: argparse.Namespace) -> None:
-    from tandem_vllm.train.args import parse_blocks
     from tandem_vllm.train import gen_data
+    from tandem_vllm.train.args import parse_blocks
 
     lo, hi = parse_blocks(a.prompt_tokens)
     try:

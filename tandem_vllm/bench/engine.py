@@ -24,9 +24,9 @@ import gc
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import numpy as np
@@ -35,6 +35,7 @@ from tandem_vllm.bench import steps
 from tandem_vllm.bench.measure import Streamed, closed_loop, latency_summary, measure
 from tandem_vllm.errors import TandemError
 from tandem_vllm.progress import progress_bar
+from tandem_vllm.vllm_adapter.engine import async_engine, spec_counters
 
 
 @dataclass(frozen=True)
@@ -105,16 +106,6 @@ def rows_for(
     return rows
 
 
-def _spec_counters() -> dict[str, float]:
-    from vllm.v1.metrics.reader import Counter, get_metrics_snapshot
-
-    return {
-        m.name.removeprefix("vllm:spec_decode_"): float(m.value)
-        for m in get_metrics_snapshot()
-        if m.name.startswith("vllm:spec_decode_") and isinstance(m, Counter)
-    }
-
-
 async def _engine_stream(engine: Any, prompt: str, params: Any) -> AsyncIterator[list[int]]:
     async for out in engine.generate(prompt, params, request_id=uuid.uuid4().hex):
         yield list(out.outputs[0].token_ids)
@@ -122,9 +113,9 @@ async def _engine_stream(engine: Any, prompt: str, params: Any) -> AsyncIterator
 
 async def _cell(row: Row, one: Any, prompts: list[str], batch_size: int) -> Cell:
     """One closed-loop pass over the prompts with batch_size in flight, measured."""
-    before, start = _spec_counters(), time.time()
+    before, start = spec_counters(), time.time()
     raw, seconds = await closed_loop(one, prompts, batch_size)
-    after, end = _spec_counters(), time.time()
+    after, end = spec_counters(), time.time()
     results = [r for r in raw if isinstance(r, Streamed)]
     if len(results) < len(raw):
         raise next(r for r in raw if isinstance(r, BaseException))
@@ -156,12 +147,10 @@ async def _bench_row(
 ) -> list[Cell]:
     """Per batch size, the median (by tokens/s) of `repeat` passes. A warm-up pass over every prompt
     first, so every measured pass sees the same prefix-cache state (prompts cached: decode dominates)."""
-    from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams
+    from vllm import SamplingParams
 
-    args = AsyncEngineArgs(
-        model=target, speculative_config=row.speculative_config, disable_log_stats=False, **engine_kwargs
-    )
-    engine = AsyncLLMEngine.from_engine_args(args)
+    engine = async_engine(model=target, speculative_config=row.speculative_config, disable_log_stats=False,
+                          **engine_kwargs)
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)
 
     async def one(prompt: str) -> Streamed:

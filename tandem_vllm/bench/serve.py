@@ -128,14 +128,10 @@ async def bench_http(url: str, prompts: list[str], concurrencies: list[int], max
 async def bench_engine(cfg: ServeConfig, prompts: list[str], concurrencies: list[int], max_tokens: int,
                        repeat: int = 1) -> list[Cell]:
     from vllm import SamplingParams
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.platforms import current_platform
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-    from vllm.v1.engine.async_llm import AsyncLLM
 
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args(cfg.vllm_cli(on_cpu=current_platform.is_cpu()))
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args))
+    from tandem_vllm.vllm_adapter import engine as vllm_engine
+
+    engine = vllm_engine.serve_engine(vllm_engine.serve_args(cfg.vllm_cli(on_cpu=vllm_engine.on_cpu())))
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
     async def one(prompt: str) -> Streamed:
@@ -164,6 +160,7 @@ def run(*, url: str | None, config: ServeConfig, prompts: list[str], concurrenci
     with steps.recording(step_times):
         if owned:
             url = start(cfg, host="127.0.0.1", port=free_port(), grpc_port=free_port(), timeout_s=900).http
+        assert url is not None
         try:
             cells = asyncio.run(bench_http(url, prompts, concurrencies, max_tokens, cfg.api_key, model, repeat,
                                            client_kind))

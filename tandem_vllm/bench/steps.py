@@ -1,134 +1,22 @@
-"""Where an engine step's time goes: per-phase wall times of every vLLM engine step.
-
-With ``TANDEM_VLLM_STEP_TIMES=DIR`` in the environment of the process that runs vLLM's engine core,
-the plugin times each engine step's phases (``vllm_glue`` installs the hooks) and appends one JSON
-line per step to ``DIR/steps-<pid>.jsonl`` of the process that measured it:
-
-    kind      "engine" (the engine-core loop's step) or "worker" (the model runner's share of it)
-    t         wall clock (time.time()) when the step began, to cut records into benchmark cells
-  engine:
-    total     the whole step: schedule ... post-step (everything the engine-core loop does per step)
-    gap       since the previous step ended: reading new requests, idling for input
-    schedule  Scheduler.schedule
-    update    Scheduler.update_from_output
-    post      post-step: drafts handed to the scheduler
-    reqs, tokens, drafts   scheduled requests, scheduled tokens, scheduled draft tokens
-  worker:
-    execute   model runner execute_model: input preparation + the target's forward + logits
-    target    of which the target model's forward
-    sample    model runner sample_tokens: rejection/plain sampling, bookkeeping, drafting
-    sampler   of which the sampler (the rejection sampler when drafts are verified)
-    draft     of which the proposer (every drafting pass, its metadata, the router)
-    drafter   of which the drafter model's forwards (``passes`` of them)
-
-Times are seconds, measured with time.perf_counter; on CPU every op is synchronous, so each phase
-is the time it really took. (On a GPU a phase would include waiting for the kernels it queued.)
+"""Where an engine step's time goes: the step records ``vllm_adapter/profiler.py`` writes, read and
+summarised per benchmark cell (the record format is described there).
 """
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
 
-ENV: Final = "TANDEM_VLLM_STEP_TIMES"
-# Where each phase is measured: the engine-core loop, or the model runner (a process of its own on CPU,
-# where vLLM always uses its multiprocessing executor; the same process with the uni-process one).
-ENGINE_PHASES: Final = ("schedule", "update", "post")
-WORKER_PHASES: Final = ("execute", "target", "sample", "sampler", "draft", "drafter")
-PHASES: Final = ENGINE_PHASES + WORKER_PHASES
+from tandem_vllm.vllm_adapter.profiler import ENGINE_PHASES, ENV, PHASES, WORKER_PHASES
 
-
-class StepClock:
-    """Accumulates the phases of the current engine step (engine-core process) and of the current
-    model-runner call (worker process) and writes one line per step for each, kind "engine" or
-    "worker". Lines are buffered; written when the engine goes idle, every second, and at shutdown."""
-
-    def __init__(self, flush_seconds: float = 1.0, now: Callable[[], float] = time.perf_counter) -> None:
-        self.flush_seconds = flush_seconds
-        self.now = now
-        self._pid: int | None = None
-        self._directory: Path | None = None
-        self.open: dict[str, dict[str, Any]] = {"engine": {}, "worker": {}}
-        self.pending: list[str] = []
-        self.last_flush = self.now()
-        self.last_end: float | None = None
-        atexit.register(self.flush)
-
-    @property
-    def directory(self) -> Path | None:
-        """``$TANDEM_VLLM_STEP_TIMES`` as this process saw it first: hooks a process inherited by fork
-        from one that was timing stay silent unless the variable is set where they run."""
-        if self._pid != os.getpid():
-            self._pid, self.pending = os.getpid(), []
-            self._directory = Path(os.environ[ENV]) if os.environ.get(ENV) else None
-        return self._directory
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        record = self.open["engine" if name in ENGINE_PHASES else "worker"]
-        start = self.now()
-        try:
-            yield
-        finally:
-            record[name] = record.get(name, 0.0) + self.now() - start
-
-    def add(self, kind: str, **values: float) -> None:
-        record = self.open[kind]
-        for key, value in values.items():
-            record[key] = record.get(key, 0) + value
-
-    def note(self, kind: str, **values: Any) -> None:
-        self.open[kind].update(values)
-
-    @contextmanager
-    def engine_step(self) -> Iterator[None]:
-        """One pass of the engine-core loop: schedule, execute, update, post-step."""
-        self.open["engine"] = {"kind": "engine", "t": time.time()}
-        start = self.now()
-        try:
-            yield
-        finally:
-            end = self.now()
-            record, self.open["engine"] = self.open["engine"], {}
-            if record.get("tokens"):  # steps that ran the model; polls without work are not steps
-                record["total"] = end - start
-                record["gap"] = None if self.last_end is None else start - self.last_end
-                self._write(record)
-            self.last_end = end
-
-    def worker_begin(self) -> None:
-        """The model runner starts a step (execute_model); the previous one ends if it had not."""
-        self.worker_end()
-        self.open["worker"] = {"kind": "worker", "t": time.time()}
-
-    def worker_end(self) -> None:
-        record, self.open["worker"] = self.open["worker"], {}
-        if "target" in record:  # ran the target; not a dummy or empty call
-            self._write(record)
-
-    def _write(self, record: dict[str, Any]) -> None:
-        if self.directory is None:
-            return
-        self.pending.append(json.dumps(record))
-        if self.now() - self.last_flush >= self.flush_seconds:
-            self.flush()
-
-    def flush(self) -> None:
-        self.last_flush = self.now()
-        directory = self.directory
-        if self.pending and directory is not None:
-            directory.mkdir(parents=True, exist_ok=True)
-            with (directory / f"steps-{os.getpid()}.jsonl").open("a") as f:
-                f.write("\n".join(self.pending) + "\n")
-            self.pending = []
+__all__ = ["ENGINE_PHASES", "ENV", "PHASES", "WORKER_PHASES", "markdown", "per_window", "plot", "read",
+           "recording", "summary"]
 
 
 @contextmanager

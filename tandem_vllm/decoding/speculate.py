@@ -112,7 +112,7 @@ class DraftModelProposer:
 
     def propose(
         self, last: Tensor, positions: Tensor, k: int, s: Sampling, gen: torch.Generator
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         if self.pending is None:
             logits = self.runner.forward(last[:, None]).logits[:, -1]
         else:
@@ -242,7 +242,10 @@ class Eagle3Proposer:
         for row, (toks, taps, pos), bonus in zip(self.rows, self.pending, last):
             # entry i carries token i+1: the verified tokens shifted by one, then the bonus token
             logits, state = row.first_pass(torch.cat([toks[1:], bonus[None]]), taps, pos)
-            anchor, own, d_row, p_row = int(pos[-1]), [], [], []
+            anchor = int(pos[-1])
+            own: list[tuple[Tensor, Tensor]] = []
+            d_row: list[Tensor] = []
+            p_row: list[Tensor] = []
             for step in range(k):
                 if step:
                     logits, state = row.step(d_row[-1], state, anchor + step, own)
@@ -281,7 +284,7 @@ class DecodeStats:
     def acceptance_rate(self) -> float:
         return self.accepted / max(self.drafted, 1)
 
-    def as_dict(self) -> dict[str, float | int | list[int]]:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "target_passes": self.target_passes,
             "drafted": self.drafted,

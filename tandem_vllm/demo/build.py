@@ -145,7 +145,7 @@ def build(size: str = "ci", *, root: Path | None = None, progress: bool = True) 
         train_tokenizer(texts, recipe.vocab_size, tok_dir)
         _say(progress, f"tokenizer: byte-level BPE, {recipe.vocab_size} tokens")
 
-    common = dict(data=(train_jsonl,), eval_data=(held_jsonl,), seq_len=recipe.seq_len, batch_size=recipe.batch_size,
+    common: dict[str, Any] = dict(data=(train_jsonl,), eval_data=(held_jsonl,), seq_len=recipe.seq_len, batch_size=recipe.batch_size,
                   warmup=max(1, recipe.target_steps // 20), eval_every=max(1, recipe.target_steps // 4),
                   eval_batches=4, save_every=max(1, recipe.target_steps // 8), seed=recipe.seed, progress=progress)
     target_args = TrainArgs(kind="lm", out=base / "target", tokenizer=tok_dir, dims=recipe.target, steps=recipe.target_steps,
@@ -155,7 +155,7 @@ def build(size: str = "ci", *, root: Path | None = None, progress: bool = True) 
     gen_dirs: tuple[Path, ...] = ()
     if recipe.gen_prompts:
         gen_dirs = (_generate_once(recipe, base / "target", train_jsonl, out / "generated", progress),)
-    drafter_common = dict(common, target=base / "target", dims=recipe.drafter, steps=recipe.drafter_steps, lr=recipe.drafter_lr,
+    drafter_common: dict[str, Any] = dict(common, target=base / "target", dims=recipe.drafter, steps=recipe.drafter_steps, lr=recipe.drafter_lr,
                           loss="distil", ce_fraction=recipe.ce_fraction, taps=recipe.taps, block_size=recipe.block_size,
                           block_min=recipe.block_min, gen_data=gen_dirs, gen_ratio=recipe.gen_ratio,
                           warmup=max(1, recipe.drafter_steps // 20), eval_every=max(1, recipe.drafter_steps // 4),

@@ -82,7 +82,8 @@ def demo(*, size: str, k: int, max_new_tokens: int, engine: Literal["vllm", "ref
 def run_vllm(*, target: str, drafter: str, prompts: list[str], k: int, max_new_tokens: int) -> None:
     """The same demo through vLLM: Tandem is vLLM's speculative decoder; the numbers are vLLM's own counters."""
     import vllm
-    from vllm.v1.metrics.reader import Counter, Vector, get_metrics_snapshot
+
+    from tandem_vllm.vllm_adapter.engine import spec_metrics
 
     llm = vllm.LLM(
         model=target,
@@ -97,7 +98,7 @@ def run_vllm(*, target: str, drafter: str, prompts: list[str], k: int, max_new_t
     t0 = time.perf_counter()
     outs = llm.generate(prompts, vllm.SamplingParams(temperature=0.8, top_p=0.95, max_tokens=max_new_tokens))
     dt = time.perf_counter() - t0
-    stats = {m.name.removeprefix("vllm:spec_decode_"): m for m in get_metrics_snapshot() if "spec_decode" in m.name}
+    stats = spec_metrics()
     llm.llm_engine.engine_core.shutdown()
     for prompt, out in zip(prompts, outs):
         print("=" * 72)
@@ -109,10 +110,8 @@ def run_vllm(*, target: str, drafter: str, prompts: list[str], k: int, max_new_t
         print(f"\033[1m{text}\033[0m" if _tty() else text)
     print("=" * 72)
     n = sum(len(o.outputs[0].token_ids) for o in outs)
-    drafts = stats["num_drafts"].value if isinstance(stats.get("num_drafts"), Counter) else 0
-    accepted = stats["num_accepted_tokens"].value if isinstance(stats.get("num_accepted_tokens"), Counter) else 0
-    drafted = stats["num_draft_tokens"].value if isinstance(stats.get("num_draft_tokens"), Counter) else 0
-    per_pos = stats["num_accepted_tokens_per_pos"].values if isinstance(stats.get("num_accepted_tokens_per_pos"), Vector) else []
+    drafts, accepted = stats.get("num_drafts", 0.0), stats.get("num_accepted_tokens", 0.0)
+    drafted, per_pos = stats.get("num_draft_tokens", 0.0), stats.get("num_accepted_tokens_per_pos", [])
     tau = 1 + accepted / drafts if drafts else 1.0
-    print(f"vLLM + Tandem+SPEED, T=0.8 top-p=0.95, k={k}: {n} tokens in {dt:.2f} s; {drafts} verification steps, "
+    print(f"vLLM + Tandem+SPEED, T=0.8 top-p=0.95, k={k}: {n} tokens in {dt:.2f} s; {drafts:.0f} verification steps, "
           f"tau={tau:.2f} tokens per step, draft acceptance {accepted / max(drafted, 1):.1%}, per position {per_pos}")

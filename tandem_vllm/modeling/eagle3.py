@@ -51,7 +51,7 @@ class Eagle3Config:
     num_attention_heads: int
     num_key_value_heads: int
     target_hidden_size: int
-    tap_layers: tuple[int, int, int]
+    tap_layers: tuple[int, ...]  # three of them
     target: TargetIdentity
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0

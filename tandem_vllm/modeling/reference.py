@@ -223,6 +223,9 @@ class TandemDrafter(nn.Module):
     def _rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         return rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, dtype)
 
+    def _layers(self) -> list[DrafterLayer]:
+        return list(self.model.layers)  # type: ignore[arg-type]  # a ModuleList of DrafterLayer
+
     def forward_train(
         self, tokens: Tensor, taps: Tensor, block_size: int | None = None, *, block_starts: Tensor | None = None
     ) -> Tensor:
@@ -244,7 +247,7 @@ class TandemDrafter(nn.Module):
             mask = block_causal_mask(t, block_size or self.cfg.block_size, tokens.device)[None, None]  # (1,1,T,2T)
         else:
             mask = mask_from_block_starts(block_starts)[:, None]  # (B,1,T,2T)
-        for j, layer in enumerate(self.model.layers):
+        for j, layer in enumerate(self._layers()):
             ctx_k, ctx_v = layer.context_kv(taps[:, :, j].to(h.dtype), cos, sin)  # (B, Hk, T, hd)
             h, _, _ = layer(h, cos, sin, ctx_k, ctx_v, mask)
         return self.lm_head(self.model.norm(h))
@@ -268,7 +271,7 @@ class TandemDrafter(nn.Module):
         """
         dtype = cache.ctx_k[0].dtype
         cos, sin = self._rope(positions, dtype)
-        for j, layer in enumerate(self.model.layers):
+        for j, layer in enumerate(self._layers()):
             k, v = layer.context_kv(taps[:, :, j].to(dtype), cos, sin)
             cache.ctx_k[j] = torch.cat([cache.ctx_k[j], k], dim=2)
             cache.ctx_v[j] = torch.cat([cache.ctx_v[j], v], dim=2)
@@ -284,7 +287,7 @@ class TandemDrafter(nn.Module):
         past = cache.own_k[0].shape[2]
         causal = torch.ones(n, past + n, dtype=torch.bool, device=tokens.device).tril(past)  # (n, past+n)
         mask = torch.cat([cache.ctx_valid[:, None, :].expand(b, n, -1), causal.expand(b, n, -1)], dim=2)
-        for j, layer in enumerate(self.model.layers):
+        for j, layer in enumerate(self._layers()):
             prefix_k = torch.cat([cache.ctx_k[j], cache.own_k[j]], dim=2)
             prefix_v = torch.cat([cache.ctx_v[j], cache.own_v[j]], dim=2)
             h, k, v = layer(h, cos, sin, prefix_k, prefix_v, mask[:, None])

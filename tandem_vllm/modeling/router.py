@@ -64,7 +64,7 @@ class Router(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         """Acceptance logits (...,) from features (..., num_features)."""
-        return self.net(features.to(self.net[0].weight.dtype))[..., 0]
+        return self.net(features.to(next(self.net.parameters()).dtype))[..., 0]
 
     @torch.no_grad()
     def accept_prob(self, logits: Tensor, embed_weight: Tensor) -> Tensor:

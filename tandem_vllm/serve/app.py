@@ -42,50 +42,24 @@ def _log_to_stderr() -> None:
 class TandemServer:
     """One replica: a vLLM async engine with Tandem speculation, on HTTP and gRPC."""
 
-    async def __init__(self, config: dict[str, Any]) -> None:
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-        from vllm.platforms import current_platform
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
-        from vllm.v1.engine.async_llm import AsyncLLM
-        from starlette.datastructures import State
-
-        from tandem_vllm.serve.stats import stat_loggers
+    async def __init__(self, config: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits it
+        from tandem_vllm.vllm_adapter import engine as vllm_engine
+        from tandem_vllm.vllm_adapter.stats import stat_loggers
 
         _log_to_stderr()
         self.cfg = ServeConfig.model_validate(config).with_env_secrets()
-        argv = self.cfg.vllm_cli(on_cpu=current_platform.is_cpu())
-        self.args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
-        validate_parsed_serve_args(self.args)
-        engine_args = AsyncEngineArgs.from_cli_args(self.args)
-        self.engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=stat_loggers(self.cfg.ray_metrics))
-        self.supported_tasks = await self.engine.get_supported_tasks()
-        self.state = State()
-        await init_app_state(self.engine, self.state, self.args, supported_tasks=self.supported_tasks)
-        spec = self.engine.vllm_config.speculative_config
+        self.args = vllm_engine.serve_args(self.cfg.vllm_cli(on_cpu=vllm_engine.on_cpu()))
+        self.engine = vllm_engine.serve_engine(self.args, stat_loggers=stat_loggers(self.cfg.ray_metrics))
         self.model_name = self.cfg.served_model_name or self.cfg.model or ""
         self.max_model_len = self.engine.model_config.max_model_len
-        from tandem_vllm.decoding.vllm_glue import is_tandem_checkpoint
-
-        self.spec_k = spec.num_speculative_tokens if spec is not None else 0
-        self.drafter = (spec.model or "") if spec is not None else ""
-        self.spec_method = ("tandem" if is_tandem_checkpoint(spec.draft_model_config) else spec.method or "") \
-            if spec is not None else ""
+        self.spec_method, self.spec_k, self.drafter = vllm_engine.speculation_of(self.engine)
         logger.info(json.dumps({"event": "replica_ready", "model": self.model_name, "speculation": self.spec_method,
                                 "num_speculative_tokens": self.spec_k, "max_model_len": self.max_model_len}))
 
     async def __serve_build_asgi_app__(self) -> Any:
-        from vllm.entrypoints.launchers.app import build_app as build_openai_app
+        from tandem_vllm.vllm_adapter.engine import openai_app
 
-        app = build_openai_app(self.args, supported_tasks=self.supported_tasks, model_config=self.engine.model_config)
-        app.state._state.update(self.state._state)
-        for plugin in getattr(app.state, "endpoint_plugins", []):
-            await plugin.init_state(self.engine, app.state, self.args)
-        # vLLM's engine-error handler flips `state.server.should_exit` (its uvicorn server); under Serve
-        # the replica's health check restarts it instead, but the attribute must exist.
-        app.state.server = types.SimpleNamespace()
-        app.middleware_stack = None  # vLLM built it eagerly; let Starlette rebuild it with ours outermost
+        app = await openai_app(self.engine, self.args)
         app.add_middleware(LimitsAndLogging, max_request_bytes=self.cfg.max_request_bytes, max_n=self.cfg.max_n,
                            extra_roles=tuple(self.cfg.extra_chat_roles))
         return app
@@ -101,7 +75,7 @@ class TandemServer:
             engine.shutdown()
 
     # ---- gRPC: tandem.v1.TandemGeneration ----
-    async def Generate(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802 (rpc name)
+    async def Generate(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:
         from tandem_vllm.serve import grpc_api as g
 
         try:
@@ -118,7 +92,7 @@ class TandemServer:
             sent_text, sent_ids = len(o.text), len(o.token_ids)
             yield msg
 
-    async def Complete(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802
+    async def Complete(self, request: Any, grpc_context: Any) -> Any:
         from tandem_vllm.serve import grpc_api as g
 
         try:
@@ -135,9 +109,9 @@ class TandemServer:
         return g.complete_message(request_id, o.text, list(o.token_ids), o.finish_reason,
                                   len(final.prompt_token_ids or []))
 
-    async def ModelInfo(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802
+    async def ModelInfo(self, request: Any, grpc_context: Any) -> Any:
         from tandem_vllm.serve import grpc_api as g
-        from tandem_vllm.serve.stats import totals
+        from tandem_vllm.vllm_adapter.stats import totals
 
         try:
             g.check_api_key(grpc_context, self.cfg.api_key)
@@ -154,10 +128,9 @@ class TandemServer:
     async def _run(self, grpc_context: Any, prompt: str, params: Any, request_id: str) -> AsyncIterator[Any]:
         """Stream the engine's outputs; map engine refusals to gRPC codes; abort if the client leaves."""
         import grpc
-        from vllm.exceptions import VLLMValidationError
-        from vllm.v1.engine.exceptions import EngineDeadError
 
         from tandem_vllm.serve import grpc_api as g
+        from tandem_vllm.vllm_adapter.engine import EngineDeadError, VLLMValidationError
 
         logger.info(json.dumps({"event": "grpc_request", "request_id": request_id, "max_tokens": params.max_tokens}))
         finished = False
@@ -174,12 +147,12 @@ class TandemServer:
                 await self.engine.abort(request_id)
 
     # ---- gRPC: grpc.health.v1.Health ----
-    async def Check(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802
+    async def Check(self, request: Any, grpc_context: Any) -> Any:
         from grpc_health.v1 import health_pb2
 
         return health_pb2.HealthCheckResponse(status=await self._health())
 
-    async def Watch(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802
+    async def Watch(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:
         from grpc_health.v1 import health_pb2
 
         last = None
@@ -196,7 +169,7 @@ class TandemServer:
         try:
             await self.engine.check_health()
             return health_pb2.HealthCheckResponse.SERVING
-        except Exception:  # noqa: BLE001 - any engine failure means NOT_SERVING, which is the answer
+        except Exception:
             return health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -212,14 +185,14 @@ def preflight(cfg: ServeConfig) -> None:
     make later, inside a replica that Serve would restart in a loop)."""
     from transformers import AutoConfig
 
-    from tandem_vllm.decoding.vllm_glue import _local_tandem_dir, checked_tandem_config
+    from tandem_vllm.vllm_adapter.proposer_v1 import checked_tandem_config, local_tandem_dir
 
     cfg.check_paths()
     spec = cfg.speculation()
-    drafter = _local_tandem_dir(spec.get("model")) if spec else None
+    drafter = local_tandem_dir(spec.get("model")) if spec else None
     if drafter is None:
         return
-    assert cfg.model is not None
+    assert cfg.model is not None and spec is not None
     target = types.SimpleNamespace(model=cfg.model, tokenizer=cfg.model, trust_remote_code=False,
                                    hf_config=AutoConfig.from_pretrained(cfg.model))
     checked_tandem_config(drafter, spec.get("num_speculative_tokens"), target)

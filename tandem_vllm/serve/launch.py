@@ -102,7 +102,6 @@ def stop() -> None:
     serve.shutdown() alone tears the HTTP endpoints down at once and cuts in-flight streams off."""
     import ray
     from ray import serve
-
     from ray.serve.exceptions import RayServeException
 
     if not ray.is_initialized():

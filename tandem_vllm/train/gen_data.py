@@ -216,7 +216,7 @@ def _prepare(s: GenSettings) -> tuple[list[list[int]], str, list[int]]:
 
     identity, tokenizer = load_identity(s.target)
     prompts = load_prompts(s, tokenizer)
-    manifest = {"format": FORMAT, "target": identity.model_dump(mode="json"), "settings": s.recorded(),
+    manifest: dict[str, Any] = {"format": FORMAT, "target": identity.model_dump(mode="json"), "settings": s.recorded(),
                 "prompts": len(prompts), "shards": len(shard_ranges(len(prompts), s.shard_size))}
     path = s.out / MANIFEST
     if path.is_file():

@@ -18,6 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -120,7 +121,7 @@ def fit(router: Router, x: torch.Tensor, y: torch.Tensor, args: RouterArgs, prog
     bar.close()
     router.eval()
     with torch.no_grad():  # fold the standardisation into the first layer
-        first = router.net[0]
+        first: Any = router.net[0]
         first.bias -= (first.weight * (mean / std)).sum(1)
         first.weight /= std
         prob = torch.sigmoid(router(x[ev]))

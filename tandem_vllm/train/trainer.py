@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -27,8 +27,8 @@ from tandem_vllm.config import TandemConfig, parse_taps
 from tandem_vllm.errors import TandemError
 from tandem_vllm.modeling.eagle3 import Eagle3Head
 from tandem_vllm.modeling.reference import TandemDrafter, random_block_starts
-from tandem_vllm.progress import progress_bar
 from tandem_vllm.modeling.target import LoadedLM, hidden_taps, load_causal_lm, num_layers
+from tandem_vllm.progress import progress_bar
 from tandem_vllm.train.args import VLLM_CPU_HEAD_DIMS, TrainArgs
 from tandem_vllm.train.data import batch_indices, pack, pack_generated, read_texts
 from tandem_vllm.train.loss import ce_loss, distil_loss, tv_distance
@@ -101,7 +101,8 @@ def build_student(args: TrainArgs, teacher: LoadedLM | None, tok: Any) -> torch.
     )
     drafter = TandemDrafter(cfg)
     drafter.load_state_dict(base.state_dict(), strict=False)  # the baseline's exact init
-    for layer in drafter.model.layers:
+    layers: list[Any] = list(drafter.model.layers)
+    for layer in layers:
         torch.nn.init.normal_(layer.ctx_proj.weight, std=0.02)
     return drafter
 
@@ -280,7 +281,7 @@ def train(args: TrainArgs, *, stop_after: int | None = None) -> TrainResult:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 if args.kind == "eagle3":
                     assert teacher is not None
-                    loss = _eagle3_loss(student, teacher, inp, lab, mask, distil)
+                    loss = _eagle3_loss(cast(Eagle3Head, student), teacher, inp, lab, mask, distil)
                 else:
                     logits, t_logits = _forward(args, student, teacher, inp, starts)
                     loss = distil_loss(logits, t_logits, lab, mask) if distil and t_logits is not None else ce_loss(logits, lab, mask)

@@ -77,7 +77,7 @@ def pod_validator() -> Any:
     from referencing import Registry, Resource
 
     base = importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema"
-    version = max((p.name for p in base.iterdir() if p.name.startswith("v1.30.") and p.name.endswith("-local-strict")))
+    version = max(p.name for p in base.iterdir() if p.name.startswith("v1.30.") and p.name.endswith("-local-strict"))
     schema = json.loads((base / version / "podtemplatespec-v1.json").read_text())
     defs = json.loads((base / version / "_definitions.json").read_text())
     registry = Resource.from_contents(defs) @ (Resource.from_contents(schema) @ Registry())
@@ -180,7 +180,6 @@ def test_deploy_serve_yaml_is_valid_for_ray_and_tandem_vllm():
     from ray.serve.schema import ServeDeploySchema
 
     from tandem_vllm.serve.config import ServeConfig
-
     from tandem_vllm.serve.grpc_api import SERVICER_FUNCTIONS
 
     cfg = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())

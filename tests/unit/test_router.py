@@ -11,7 +11,7 @@ from tandem_vllm.errors import TandemError
 from tandem_vllm.modeling.router import ROUTER_DIR, ROUTER_WEIGHTS, Router, RouterConfig, draft_lengths
 
 from ..conftest import tiny_tandem
-from .test_speculate import N, PROMPTS, STEPS, _chi2_pvalue, _exact_joint, _sharpen, tiny_vocab_pair  # noqa: F401
+from .test_speculate import PROMPTS, STEPS, N, _chi2_pvalue, _exact_joint, _sharpen, tiny_vocab_pair  # noqa: F401
 
 
 def test_draft_lengths_stop_at_the_first_position_below_threshold():

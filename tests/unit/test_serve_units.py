@@ -69,7 +69,7 @@ def test_ray_metrics_keeps_vllms_own_prometheus_logger_last():
     from vllm.v1.metrics.loggers import PrometheusStatLogger
     from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
-    from tandem_vllm.serve.stats import RaySpecStatsLogger, SpecStatsLogger, stat_loggers
+    from tandem_vllm.vllm_adapter.stats import RaySpecStatsLogger, SpecStatsLogger, stat_loggers
 
     assert stat_loggers(False) == [SpecStatsLogger]
     # Prometheus' constructor unregisters and re-registers the vllm: collectors behind /metrics; Ray's
@@ -173,8 +173,7 @@ def test_grpc_sampling_options_map_to_vllm_and_bad_ones_are_invalid_argument():
     import grpc
 
     from tandem_vllm.serve import grpc_api as g
-
-    from tandem_vllm.decoding.vllm_glue import speculation_opted_out
+    from tandem_vllm.vllm_adapter.patches import speculation_opted_out
 
     p = g.sampling_params(g.pb.SamplingOptions(temperature=0.0, seed=4, stop=["\n\n"]))
     assert p.max_tokens == g.DEFAULT_MAX_TOKENS and p.temperature == 0.0 and p.seed == 4 and p.stop == ["\n\n"]

@@ -8,6 +8,7 @@ import itertools
 import pytest
 
 from tandem_vllm.bench import steps
+from tandem_vllm.vllm_adapter import profiler
 
 
 class Ticks:
@@ -20,7 +21,7 @@ class Ticks:
         return next(self.n) * 1e-3
 
 
-def one_step(clock: steps.StepClock, *, tokens: int, drafts: int = 0, passes: int = 0) -> None:
+def one_step(clock: profiler.StepClock, *, tokens: int, drafts: int = 0, passes: int = 0) -> None:
     """An engine step as the hooks drive it: schedule, the runner's execute + sample (with drafting),
     update, post."""
     with clock.engine_step():
@@ -44,7 +45,7 @@ def one_step(clock: steps.StepClock, *, tokens: int, drafts: int = 0, passes: in
 
 def test_steps_are_recorded_per_process_and_summarised(tmp_path, monkeypatch):
     monkeypatch.setenv(steps.ENV, str(tmp_path))
-    clock = steps.StepClock(flush_seconds=1e9, now=Ticks())
+    clock = profiler.StepClock(flush_seconds=1e9, now=Ticks())
     one_step(clock, tokens=4, drafts=3, passes=3)
     one_step(clock, tokens=0)  # a poll that ran nothing: no engine record
     one_step(clock, tokens=4, drafts=3, passes=3)
@@ -79,7 +80,7 @@ def test_a_window_selects_one_cells_steps(tmp_path):
 
 def test_no_directory_in_the_environment_records_nothing(tmp_path, monkeypatch):
     monkeypatch.delenv(steps.ENV, raising=False)
-    clock = steps.StepClock(now=Ticks())
+    clock = profiler.StepClock(now=Ticks())
     one_step(clock, tokens=4)
     clock.flush()
     assert clock.directory is None and not clock.pending

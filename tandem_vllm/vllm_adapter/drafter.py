@@ -15,13 +15,14 @@ Target taps reach the drafter as vLLM "aux hidden states": tap ``l < L`` is the 
 target layer ``l`` (the runner hands us ``hidden + residual``), tap ``l == L`` arrives *pre*-norm, so the
 drafter applies the target's final RMSNorm itself (``bind_target_norm``).
 
-Only this module and ``decoding/vllm_glue.py`` import vLLM.
+Part of the vLLM adapter (``vllm_adapter/__init__.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -59,7 +60,7 @@ class TandemDecoderLayer(LlamaDecoderLayer):
             target_hidden_size, self.hidden_size, bias=False, prefix=f"{prefix}.ctx_proj"
         )
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         positions: Tensor,
         hidden_states: Tensor,
@@ -136,14 +137,16 @@ class TandemDrafterModel(nn.Module):
     def can_write_context_alone(self) -> bool:
         """Whether every layer's attention backend exposes its cache write (vLLM's FlashAttention,
         FlashInfer, Triton and CPU backends do)."""
-        return all(hasattr(layer.self_attn.attn.impl, "do_kv_cache_update") for layer in self.layers)
+        layers: list[Any] = list(self.layers)
+        return all(hasattr(layer.self_attn.attn.impl, "do_kv_cache_update") for layer in layers)
 
     def write_context(self, positions: Tensor, slots: Tensor, states: Tensor) -> None:
         """Context K/V of every layer for the target rows at ``slots`` (T,) and ``positions`` (T,);
         ``states`` (T, U*Dt) are the target's taps. Layer j's context K/V depend on tap l(j) alone,
         so no drafter layer has to run: this is all a step without drafts needs."""
         taps = self._split_taps(states)
-        for j, layer in enumerate(self.layers):
+        layers: list[Any] = list(self.layers)
+        for j, layer in enumerate(layers):
             layer.write_context(positions, slots, taps[self.tap_slot[j]])
 
     def forward(self, input_ids: Tensor, positions: Tensor, context: TandemContext | None = None) -> Tensor:

