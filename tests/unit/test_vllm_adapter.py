@@ -166,3 +166,10 @@ def test_skipping_patches_takes_only_optional_names():
         patches.skipped_patches("proposer")
     with pytest.raises(TandemError, match="typo cannot be skipped; optional patches: "):
         patches.skipped_patches("typo")
+
+
+def test_the_readme_shows_the_patch_table_as_the_code_has_it():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert patches.markdown_table() in readme, "regenerate the README table: patches.markdown_table()"
