@@ -13,11 +13,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+import helm_python
+import kubernetes_validate
 import pytest
 import yaml
-
-helm_python = pytest.importorskip("helm_python")
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "tandem-vllm"

@@ -4,6 +4,7 @@ and one-line refusals of bad input."""
 import json
 
 import pytest
+import vllm  # noqa: F401  (required: a missing package fails the suite)
 
 from tandem_vllm.cli import main
 from tandem_vllm.demo.build import build
@@ -11,7 +12,6 @@ from tandem_vllm.modeling.target import load_causal_lm
 from tandem_vllm.train.gen_data import read_generated
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("vllm")
 
 
 @pytest.fixture(scope="module")

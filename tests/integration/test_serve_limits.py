@@ -12,10 +12,10 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import ray  # noqa: F401  (required: a missing package fails the suite)
+import vllm  # noqa: F401  (required: a missing package fails the suite)
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("ray")
-pytest.importorskip("vllm")
 
 MODEL = "tandem-demo"
 

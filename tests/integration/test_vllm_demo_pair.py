@@ -2,6 +2,7 @@
 with our standalone drafter reproduces the reference decoder's greedy output."""
 
 import pytest
+import vllm
 
 from tandem_vllm.decoding.speculate import generate
 from tandem_vllm.demo.build import build
@@ -9,7 +10,6 @@ from tandem_vllm.modeling.target import load_causal_lm
 from tandem_vllm.quality import read_prompts
 
 pytestmark = pytest.mark.slow
-vllm = pytest.importorskip("vllm")
 
 
 @pytest.fixture(scope="module")

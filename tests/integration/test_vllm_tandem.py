@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import vllm
 
 from tandem_vllm.decoding.speculate import TandemProposer, generate
 from tandem_vllm.demo.build import build
@@ -16,7 +17,6 @@ from tandem_vllm.quality import read_prompts
 from tests.integration.helpers import other_target
 
 pytestmark = pytest.mark.slow
-vllm = pytest.importorskip("vllm")
 
 K = 3
 MAX_TOKENS = 24
