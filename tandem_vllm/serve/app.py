@@ -24,6 +24,7 @@ from ray import serve
 
 from tandem_vllm.serve.config import ServeConfig, replica_options
 from tandem_vllm.serve.middleware import LimitsAndLogging
+from tandem_vllm.vllm_adapter.stats import spec_metrics_of
 
 logger = logging.getLogger("tandem_vllm.serve")
 APP_NAME = "tandem"
@@ -44,13 +45,14 @@ class TandemServer:
 
     async def __init__(self, config: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits it
         from tandem_vllm.vllm_adapter import engine as vllm_engine
-        from tandem_vllm.vllm_adapter.stats import stat_loggers
+        from tandem_vllm.vllm_adapter.stats import observe_requests, stat_loggers
 
         _log_to_stderr()
         self.cfg = ServeConfig.model_validate(config).with_env_secrets()
         self.args = vllm_engine.serve_args(self.cfg.vllm_cli(on_cpu=vllm_engine.on_cpu()))
         self.engine = vllm_engine.serve_engine(self.args, stat_loggers=stat_loggers(self.cfg.ray_metrics))
         self.model_name = self.cfg.served_model_name or self.cfg.model or ""
+        observe_requests(self.engine, self.model_name)
         self.max_model_len = self.engine.model_config.max_model_len
         self.spec_method, self.spec_k, self.drafter = vllm_engine.speculation_of(self.engine)
         logger.info(json.dumps({"event": "replica_ready", "model": self.model_name, "speculation": self.spec_method,
@@ -88,7 +90,8 @@ class TandemServer:
         async for out in self._run(grpc_context, prompt, params, request_id):
             o = out.outputs[0]
             msg = g.stream_message(request_id, o.text[sent_text:], list(o.token_ids[sent_ids:]), out.finished,
-                                   o.finish_reason, len(out.prompt_token_ids or []), len(o.token_ids))
+                                   o.finish_reason, len(out.prompt_token_ids or []), len(o.token_ids),
+                                   spec_metrics_of(o))
             sent_text, sent_ids = len(o.text), len(o.token_ids)
             yield msg
 
@@ -107,7 +110,7 @@ class TandemServer:
         assert final is not None  # the engine always ends a request with a finished output
         o = final.outputs[0]
         return g.complete_message(request_id, o.text, list(o.token_ids), o.finish_reason,
-                                  len(final.prompt_token_ids or []))
+                                  len(final.prompt_token_ids or []), spec_metrics_of(o))
 
     async def ModelInfo(self, request: Any, grpc_context: Any) -> Any:
         from tandem_vllm.serve import grpc_api as g

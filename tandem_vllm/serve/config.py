@@ -56,6 +56,11 @@ class ServeConfig(BaseModel):
         "probabilistic", description="With `drafter`: sampled requests draft from the drafter's distribution and "
         "its probabilities go to the rejection sampler ('probabilistic'; greedy requests still take the argmax), "
         "or draft its argmax as if certain ('greedy', vLLM's default, accepts far less at T > 0).")
+    per_request_spec_metrics: Literal["none", "summary", "detailed"] = Field(
+        "summary", description="What speculation did for each request, in its response: HTTP "
+        "`metrics.speculative_decoding` (vLLM's field: tau, acceptance rate, histogram; 'detailed' adds "
+        "per-step arrays; single-sequence requests), gRPC `speculation` on the last message; and the "
+        "Prometheus histogram tandem:request_mean_acceptance_length. 'none' turns it off.")
     speculative_config: dict[str, Any] | None = Field(None, description="vLLM's speculative_config as a dict, "
                                                       "exactly as `vllm serve --speculative-config` takes it.")
     no_speculation: bool = Field(False, description="Serve the target alone (also for the demo pair).")
@@ -157,6 +162,8 @@ class ServeConfig(BaseModel):
             argv += ["--max-model-len", str(self.max_model_len)]
         if spec := self.speculation():
             argv += ["--speculative-config", json.dumps(spec)]
+            if self.per_request_spec_metrics != "none":
+                argv += ["--per-request-spec-decode-metrics", self.per_request_spec_metrics]
         kv = self.kv_cache_memory_bytes or (512 * 2**20 if on_cpu else None)
         if kv:
             argv += ["--kv-cache-memory-bytes", str(kv)]

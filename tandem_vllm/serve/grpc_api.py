@@ -77,17 +77,30 @@ def finish_reason(reason: str | None) -> int:
     return _FINISH.get(reason or "", pb.FINISH_REASON_UNSPECIFIED)
 
 
+def speculation_stats(spec: dict[str, Any] | None) -> Any:
+    """vLLM's per-request spec-decode metrics (``RequestSpecDecodeMetrics.to_dict()``) as the proto's
+    SpeculationStats; None when the request was not speculated."""
+    if not spec:
+        return None
+    return pb.SpeculationStats(num_drafts=spec["num_spec_steps"], num_draft_tokens=spec["num_draft_tokens"],
+                               num_accepted_tokens=spec["num_accepted_draft_tokens"],
+                               mean_acceptance_length=spec["mean_acceptance_length"])
+
+
 def stream_message(request_id: str, text: str, token_ids: list[int], finished: bool, reason: str | None,
-                   prompt_tokens: int, completion_tokens: int) -> Any:
+                   prompt_tokens: int, completion_tokens: int, spec: dict[str, Any] | None = None) -> Any:
     msg = pb.GenerateResponse(request_id=request_id, text=text, token_ids=token_ids)
     if finished:
         msg.finish_reason = finish_reason(reason)
         msg.usage.CopyFrom(pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens))
+        if (stats := speculation_stats(spec)) is not None:
+            msg.speculation.CopyFrom(stats)
     return msg
 
 
 def complete_message(request_id: str, text: str, token_ids: list[int], reason: str | None,
-                     prompt_tokens: int) -> Any:
+                     prompt_tokens: int, spec: dict[str, Any] | None = None) -> Any:
     return pb.CompleteResponse(request_id=request_id, text=text, token_ids=token_ids,
                                finish_reason=finish_reason(reason),
-                               usage=pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=len(token_ids)))
+                               usage=pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=len(token_ids)),
+                               speculation=speculation_stats(spec))

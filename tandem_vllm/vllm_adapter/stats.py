@@ -3,7 +3,11 @@
 vLLM's Prometheus logger already exports ``vllm:spec_decode_num_drafts`` & co. on /metrics. This
 logger sees the same per-step ``SpecDecodingStats`` and keeps running totals so the replica can
 answer ModelInfo over gRPC and export ``tandem:spec_decode_mean_acceptance_length`` (tau = tokens
-emitted per target pass = 1 + accepted / drafts) as a gauge next to vLLM's counters.
+emitted per target pass = 1 + accepted / drafts) as a gauge next to vLLM's counters, and
+``tandem:spec_decode_steps_without_drafts`` (engine steps that decoded without verifying any draft:
+the batch-size fallback, n-gram misses, opted-out requests). Per request: ``observe_requests`` puts each
+finished request's own tau (vLLM's per-request spec-decode metrics) into the histogram
+``tandem:request_mean_acceptance_length``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ _TOTALS = SpecTotals()
 _LOCK = threading.Lock()
 _GAUGE: Any = None
 _RAY_GAUGE: Any = None
+_REQUEST_TAU: Any = None
+_NO_DRAFT_STEPS: Any = None
+# tau of one request: 1 (nothing accepted) .. k + 1 (every draft accepted, k <= 8)
+TAU_BUCKETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 9.0)
 TAU_HELP = "Mean tokens emitted per target forward pass (tau) since the replica started."
 
 
@@ -50,6 +58,46 @@ def _tau_gauge() -> Any:
             ["model_name"],
         )
     return _GAUGE
+
+
+def _request_metrics() -> tuple[Any, Any]:
+    global _REQUEST_TAU, _NO_DRAFT_STEPS
+    if _REQUEST_TAU is None:
+        import prometheus_client
+
+        _REQUEST_TAU = prometheus_client.Histogram(
+            "tandem:request_mean_acceptance_length",
+            "tau of each finished speculated request: tokens emitted per verification step it took part in.",
+            ["model_name"], buckets=TAU_BUCKETS)
+        _NO_DRAFT_STEPS = prometheus_client.Counter(
+            "tandem:spec_decode_steps_without_drafts",
+            "Engine steps that decoded tokens without verifying any draft.", ["model_name"])
+    return _REQUEST_TAU, _NO_DRAFT_STEPS
+
+
+def spec_metrics_of(completion: Any) -> dict[str, Any] | None:
+    """A finished completion's per-request spec-decode metrics (vLLM's ``to_dict()``), or None when
+    speculation did not run for it or per-request metrics are off."""
+    metrics = getattr(completion, "spec_decode_metrics", None)
+    return metrics.to_dict() if metrics is not None else None
+
+
+def observe_requests(engine: Any, model_name: str) -> None:
+    """Every request this engine finishes puts its tau into ``tandem:request_mean_acceptance_length``:
+    the engine's ``generate`` (which vLLM's OpenAI app and the gRPC methods both call) is wrapped on
+    this instance only."""
+    generate = engine.generate
+    histogram = _request_metrics()[0].labels(model_name=model_name)
+
+    async def observed(*args: Any, **kwargs: Any) -> Any:
+        async for out in generate(*args, **kwargs):
+            if out.finished:
+                for completion in out.outputs:
+                    if (spec := spec_metrics_of(completion)) and spec["num_spec_steps"]:
+                        histogram.observe(spec["mean_acceptance_length"])
+            yield out
+
+    engine.generate = observed
 
 
 def _ray_tau_gauge() -> Any:
@@ -86,10 +134,16 @@ class SpecStatsLogger(StatLoggerBase):
         self.model_name = str(vllm_config.model_config.served_model_name)
         self.gauge = _tau_gauge().labels(model_name=self.model_name)
         self.gauge.set(1.0)
+        self.speculating = vllm_config.speculative_config is not None
+        self.no_draft_steps = _request_metrics()[1].labels(model_name=self.model_name)
 
     def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
                engine_idx: int = 0) -> None:
         spec = getattr(scheduler_stats, "spec_decoding_stats", None)
+        # a step that decoded (some request past its first token) yet verified no draft
+        decoded = bool(getattr(iteration_stats, "inter_token_latencies_iter", None))
+        if self.speculating and decoded and (spec is None or not spec.num_drafts):
+            self.no_draft_steps.inc()
         if spec is None:
             return
         with _LOCK:

@@ -196,6 +196,7 @@ def test_defaults_serve_the_given_models_on_cpu_workers(chart):
     args = app_args(rs)
     assert args["model"] == "/models/target" and args["drafter"] == "/models/tandem"
     assert args["num_speculative_tokens"] == 3 and args["num_replicas"] == 1 and args["ray_metrics"] is True
+    assert args["per_request_spec_metrics"] == "summary" and args["draft_sample_method"] == "probabilistic"
     assert "api_key" not in args and "api_key_env" not in args
     head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"  # replicas only on workers

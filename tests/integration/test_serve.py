@@ -80,6 +80,9 @@ def test_models_completions_and_chat_with_the_openai_client(app):
     r = c.completions.create(model=MODEL, prompt="import os\n", max_tokens=8, temperature=0,
                              extra_body={"ignore_eos": True})
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8 and r.choices[0].text
+    spec = r.model_extra["metrics"]["speculative_decoding"]  # what speculation did for this request
+    assert spec["num_spec_steps"] > 0 and spec["num_draft_tokens"] == 3 * spec["num_spec_steps"]
+    assert spec["mean_acceptance_length"] == pytest.approx(1 + spec["num_accepted_draft_tokens"] / spec["num_spec_steps"])
     chat = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "def f(x):"}],
                                      max_completion_tokens=6, temperature=0.7, top_p=0.9, seed=3)
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 6
@@ -138,6 +141,9 @@ def test_health_metrics_and_tau_are_open_without_the_key(app):
     drafts = _metric(app.http, "vllm:spec_decode_num_drafts_total")
     accepted = _metric(app.http, "vllm:spec_decode_num_accepted_tokens_total")
     assert tau == pytest.approx(1 + accepted / drafts, rel=0.05)
+    assert _metric(app.http, "tandem:request_mean_acceptance_length_count", model_name=MODEL) > 0
+    taus = _metric(app.http, "tandem:request_mean_acceptance_length_sum", model_name=MODEL)
+    assert 1 <= taus / _metric(app.http, "tandem:request_mean_acceptance_length_count", model_name=MODEL) <= 4
 
 
 HOSTILE = [
@@ -248,6 +254,9 @@ def test_grpc_stream_unary_and_model_info(stub):
     assert [t for p in parts for t in p.token_ids] == list(whole.token_ids)
     assert parts[-1].finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP)
     assert parts[-1].usage.completion_tokens == len(whole.token_ids) == whole.usage.completion_tokens
+    for last in (parts[-1], whole):  # per-request speculation, the same for both (greedy, same prompt)
+        assert last.speculation.num_drafts > 0 and last.speculation.num_draft_tokens == 3 * last.speculation.num_drafts
+    assert not parts[0].HasField("speculation")  # only the last message carries it
     info = stub.ModelInfo(pb.ModelInfoRequest(), metadata=META, timeout=30)
     assert info.model == MODEL and info.speculative_method == "tandem" and info.num_speculative_tokens == 3
     assert info.speculation.num_drafts > 0

@@ -26,6 +26,10 @@ def test_config_builds_the_vllm_serve_command_line():
     assert "--kv-cache-memory-bytes" not in cfg.vllm_cli(on_cpu=False)  # GPU: vLLM's utilisation share
     assert argv[argv.index("--api-key") + 1] == "k" and argv[-1] == "--enable-prefix-caching"
     assert "--speculative-config" not in ServeConfig.parse({"model": "/m/target"}).vllm_cli(on_cpu=True)
+    assert argv[argv.index("--per-request-spec-decode-metrics") + 1] == "summary"  # per-request stats by default
+    plain = ServeConfig.parse({"model": "/m/target"}).vllm_cli(on_cpu=True)
+    off = ServeConfig.parse({"model": "/m/target", "drafter": "/m/tandem", "per_request_spec_metrics": "none"})
+    assert "--per-request-spec-decode-metrics" not in plain + off.vllm_cli(on_cpu=True)
 
 
 @pytest.mark.parametrize(
@@ -75,6 +79,76 @@ def test_ray_metrics_keeps_vllms_own_prometheus_logger_last():
     # Prometheus' constructor unregisters and re-registers the vllm: collectors behind /metrics; Ray's
     # inherits that constructor, so the plain one must come after it.
     assert stat_loggers(True) == [RaySpecStatsLogger, RayPrometheusStatLogger, PrometheusStatLogger]
+
+
+def _spec(num_draft_tokens: int, histogram: list[int]):
+    from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
+
+    return RequestSpecDecodeMetrics(num_spec_tokens=len(histogram) - 1, histogram=histogram,
+                                    num_draft_tokens=num_draft_tokens)
+
+
+def test_per_request_speculation_reaches_grpc_and_the_tau_histogram():
+    import asyncio
+    from types import SimpleNamespace
+
+    import prometheus_client
+
+    from tandem_vllm.serve import grpc_api as g
+    from tandem_vllm.vllm_adapter import stats
+
+    spec = _spec(9, [1, 0, 1, 1])  # 3 steps of 3 drafts: 0, 2 and 3 accepted -> tau 1 + 5/3
+    msg = g.complete_message("r", "text", [1, 2], "length", 4, stats.spec_metrics_of(SimpleNamespace(spec_decode_metrics=spec)))
+    assert (msg.speculation.num_drafts, msg.speculation.num_draft_tokens, msg.speculation.num_accepted_tokens) == (3, 9, 5)
+    assert msg.speculation.mean_acceptance_length == pytest.approx(1 + 5 / 3)
+    assert not g.complete_message("r", "t", [1], "stop", 4, None).HasField("speculation")
+    last = g.stream_message("r", "", [], True, "stop", 4, 2, spec.to_dict())
+    assert last.speculation.num_accepted_tokens == 5 and not g.stream_message("r", "x", [1], False, None, 4, 1,
+                                                                              spec.to_dict()).HasField("speculation")
+
+    def out(finished, metrics):
+        return SimpleNamespace(finished=finished, outputs=[SimpleNamespace(spec_decode_metrics=metrics)])
+
+    class Engine:
+        async def generate(self, prompt, params, request_id):
+            for o in (out(False, None), out(True, spec), out(True, None), out(True, _spec(0, [0, 0, 0, 0]))):
+                yield o
+
+    def count():
+        return prometheus_client.REGISTRY.get_sample_value("tandem:request_mean_acceptance_length_count",
+                                                           {"model_name": "unit"}) or 0.0
+
+    engine, before = Engine(), count()
+    stats.observe_requests(engine, "unit")
+
+    async def drain():
+        return [o async for o in engine.generate("p", None, "r")]
+
+    assert len(asyncio.run(drain())) == 4  # every output still reaches the caller
+    assert count() == before + 1  # only the speculated request that verified drafts is a tau sample
+
+
+def test_steps_that_decode_without_drafts_are_counted():
+    from types import SimpleNamespace
+
+    import prometheus_client
+
+    from tandem_vllm.vllm_adapter.stats import SpecStatsLogger
+
+    config = SimpleNamespace(model_config=SimpleNamespace(served_model_name="steps"), speculative_config=object())
+    logger = SpecStatsLogger(config)
+
+    def value():
+        return prometheus_client.REGISTRY.get_sample_value("tandem:spec_decode_steps_without_drafts_total",
+                                                           {"model_name": "steps"}) or 0.0
+
+    before = value()
+    drafted = SimpleNamespace(num_drafts=2, num_draft_tokens=6, num_accepted_tokens=3)
+    decoding, prefill_only = SimpleNamespace(inter_token_latencies_iter=[0.01]), SimpleNamespace(inter_token_latencies_iter=[])
+    logger.record(SimpleNamespace(spec_decoding_stats=None), decoding)  # K = 0 step
+    logger.record(SimpleNamespace(spec_decoding_stats=drafted), decoding)
+    logger.record(SimpleNamespace(spec_decoding_stats=None), prefill_only)  # first tokens only: not a decode step
+    assert value() == before + 1
 
 
 def test_replica_options_follow_the_config():

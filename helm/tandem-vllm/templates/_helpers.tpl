@@ -98,7 +98,7 @@ nvidia-h100-80gb:
 {{- define "tandem-vllm.serveArgs" -}}
 {{- $v := .Values }}
 {{- $p := include "tandem-vllm.profile" . | fromYaml }}
-{{- $a := dict "num_speculative_tokens" (int $v.speculation.numSpeculativeTokens) "draft_sample_method" $v.speculation.draftSampleMethod "dtype" $v.engine.dtype
+{{- $a := dict "num_speculative_tokens" (int $v.speculation.numSpeculativeTokens) "draft_sample_method" $v.speculation.draftSampleMethod "per_request_spec_metrics" $v.speculation.perRequestMetrics "dtype" $v.engine.dtype
       "max_ongoing_requests" (int $v.serve.maxOngoingRequests) "max_queued_requests" (int $v.serve.maxQueuedRequests)
       "max_request_bytes" (int $v.serve.maxRequestBytes) "max_n" (int $v.serve.maxN)
       "graceful_shutdown_timeout_s" $v.serve.gracefulShutdownTimeoutS
