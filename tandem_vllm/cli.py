@@ -123,9 +123,9 @@ def _bench_engine(a: argparse.Namespace) -> None:
     cells = engine.run(target=a.target, tandem=a.tandem, baseline=a.baseline, prompts=prompts, batch_sizes=a.batch_sizes,
                        max_tokens=a.max_tokens, k=a.k, fallback_batch_size=a.fallback_batch_size, engine_kwargs=engine_kwargs,
                        repeat=a.repeat, tandem_router=a.tandem_router, step_times=a.step_times,
-                       temperature=a.temperature, ngram=not a.no_ngram, eagle3=a.eagle3)
+                       temperature=a.temperature, ngram=not a.no_ngram, eagle3=a.eagle3, guards=a.guards)
     meta = {"target": a.target, "tandem": a.tandem, "tandem_router": a.tandem_router, "baseline": a.baseline,
-            "eagle3": a.eagle3,
+            "eagle3": a.eagle3, "guards": a.guards,
             "prompts": len(prompts), "temperature": a.temperature,
             "max_tokens": a.max_tokens, "k": a.k, "repeat": a.repeat, "engine": engine_kwargs}
     engine.write_json(cells, Path(a.json), meta)
@@ -339,6 +339,8 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--temperature", type=float, default=0.0,
                     help="0 = greedy (rows checked against target alone); > 0 samples, drafters drafting probabilistically")
     be.add_argument("--no-ngram", action="store_true", help="leave out vLLM's n-gram prompt-lookup row")
+    be.add_argument("--guards", help='speculation guards as JSON, e.g. \'{"max_context": 1024, "min_acceptance": 0.3}\': '
+                    "adds a guarded Tandem row (fields: max_context, min_acceptance, window, backoff)")
     be.add_argument("--fallback-batch-size", type=int, default=8,
                     help="adaptive row: stop speculating at this many running requests (0: no adaptive row)")
     be.add_argument("--repeat", type=int, default=3, help="passes per cell; the median (by tokens/s) is reported")

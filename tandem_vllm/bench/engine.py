@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -36,12 +37,15 @@ from tandem_vllm.bench.measure import Streamed, closed_loop, latency_summary, me
 from tandem_vllm.errors import TandemError
 from tandem_vllm.progress import progress_bar
 from tandem_vllm.vllm_adapter.engine import async_engine, spec_counters
+from tandem_vllm.vllm_adapter.guards import ENV as GUARDS_ENV
+from tandem_vllm.vllm_adapter.guards import server_defaults
 
 
 @dataclass(frozen=True)
 class Row:
     name: str
     speculative_config: dict[str, Any] | None
+    env: dict[str, str] = field(default_factory=dict)  # for the engine's processes (speculation guards)
 
 
 NGRAM: Final = {"method": "ngram", "prompt_lookup_min": 2, "prompt_lookup_max": 5}
@@ -78,7 +82,7 @@ class Cell:
 
 def rows_for(
     *, tandem: str, baseline: str | None, k: int, fallback_batch_size: int | None, tandem_router: str | None = None,
-    ngram: bool = True, eagle3: str | None = None,
+    ngram: bool = True, eagle3: str | None = None, guards: str | None = None,
 ) -> list[Row]:
     """The rows of one run. The adaptive row is the batch-size fallback, plus the learned router
     (``tandem_router``: a drafter directory from ``train-router``) when one is given."""
@@ -90,6 +94,9 @@ def rows_for(
     if eagle3:
         rows.append(Row(f"EAGLE-3 (k={k})", {"method": "eagle3", "model": eagle3, "num_speculative_tokens": k, **SAMPLED_DRAFTS}))
     rows.append(Row(f"Tandem+SPEED (k={k})", {"model": tandem, "num_speculative_tokens": k, **SAMPLED_DRAFTS}))
+    if guards:  # JSON of guards.Guards fields: the server defaults of that engine
+        rows.append(Row(f"Tandem+SPEED guarded (k={k}, {guards})", {"model": tandem, "num_speculative_tokens": k,
+                                                                     **SAMPLED_DRAFTS}, env={GUARDS_ENV: guards}))
     if tandem_router:
         rows.append(Row(f"Tandem+SPEED router (k<={k})", {"model": tandem_router, "num_speculative_tokens": k, **SAMPLED_DRAFTS}))
     if fallback_batch_size:
@@ -149,8 +156,17 @@ async def _bench_row(
     first, so every measured pass sees the same prefix-cache state (prompts cached: decode dominates)."""
     from vllm import SamplingParams
 
-    engine = async_engine(model=target, speculative_config=row.speculative_config, disable_log_stats=False,
-                          **engine_kwargs)
+    saved = {k: os.environ.get(k) for k in row.env}
+    os.environ.update(row.env)  # read where the engine's processes start
+    try:
+        engine = async_engine(model=target, speculative_config=row.speculative_config, disable_log_stats=False,
+                              **engine_kwargs)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)
 
     async def one(prompt: str) -> Streamed:
@@ -185,13 +201,16 @@ def run(
     temperature: float = 0.0,
     ngram: bool = True,
     eagle3: str | None = None,
+    guards: str | None = None,
 ) -> list[Cell]:
     """Every row at every batch size. ``step_times``: a directory the engine processes record each
     step's phases into (bench/steps.py); each cell then carries the summary of its measured pass."""
     if not prompts:
         raise TandemError("the prompts file is empty; pass a JSONL file with one {\"prompt\": ...} per line")
+    if guards:
+        server_defaults(guards)  # a bad value is refused before any engine starts
     rows = rows_for(tandem=tandem, baseline=baseline, k=k, fallback_batch_size=fallback_batch_size,
-                    tandem_router=tandem_router, ngram=ngram, eagle3=eagle3)
+                    tandem_router=tandem_router, ngram=ngram, eagle3=eagle3, guards=guards)
     cells: list[Cell] = []
     bar = progress_bar(total=len(rows), desc="engine rows", unit="row")
     with steps.recording(step_times):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import types
 import uuid
@@ -45,10 +46,14 @@ class TandemServer:
 
     async def __init__(self, config: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits it
         from tandem_vllm.vllm_adapter import engine as vllm_engine
+        from tandem_vllm.vllm_adapter.guards import ENV as GUARDS_ENV
+        from tandem_vllm.vllm_adapter.guards import Guards
         from tandem_vllm.vllm_adapter.stats import observe_requests, stat_loggers
 
         _log_to_stderr()
         self.cfg = ServeConfig.model_validate(config).with_env_secrets()
+        if self.cfg.speculation_guards:  # read by the scheduler in the engine's process, started below
+            os.environ[GUARDS_ENV] = Guards.parse(self.cfg.speculation_guards, "speculation_guards").to_env()
         self.args = vllm_engine.serve_args(self.cfg.vllm_cli(on_cpu=vllm_engine.on_cpu()))
         self.engine = vllm_engine.serve_engine(self.args, stat_loggers=stat_loggers(self.cfg.ray_metrics))
         self.model_name = self.cfg.served_model_name or self.cfg.model or ""

