@@ -83,9 +83,9 @@ def run_vllm(*, target: str, drafter: str, prompts: list[str], k: int, max_new_t
     """The same demo through vLLM: Tandem is vLLM's speculative decoder; the numbers are vLLM's own counters."""
     import vllm
 
-    from tandem_vllm.vllm_adapter.engine import spec_metrics
+    from tandem_vllm.vllm_adapter.engine import offline_engine, shutdown_offline, spec_metrics
 
-    llm = vllm.LLM(
+    llm = offline_engine(
         model=target,
         speculative_config={"model": drafter, "num_speculative_tokens": k},
         dtype="float32",
@@ -99,7 +99,7 @@ def run_vllm(*, target: str, drafter: str, prompts: list[str], k: int, max_new_t
     outs = llm.generate(prompts, vllm.SamplingParams(temperature=0.8, top_p=0.95, max_tokens=max_new_tokens))
     dt = time.perf_counter() - t0
     stats = spec_metrics()
-    llm.llm_engine.engine_core.shutdown()
+    shutdown_offline(llm)
     for prompt, out in zip(prompts, outs):
         print("=" * 72)
         lines = prompt.splitlines(keepends=True)

@@ -164,7 +164,7 @@ class ShardWriter:
     actors both use it, so the cluster form runs the same code."""
 
     def __init__(self, settings: GenSettings, prompts: list[list[int]], fingerprint: str) -> None:
-        from vllm import LLM
+        from tandem_vllm.vllm_adapter.engine import offline_engine
 
         self.s, self.prompts, self.fingerprint = settings, prompts, fingerprint
         import torch
@@ -173,7 +173,7 @@ class ShardWriter:
         kwargs: dict[str, Any] = {"max_model_len": max(longest, 256), "seed": settings.seed}
         if not torch.cuda.is_available():  # the CPU engine: the trainer's precision, a bounded KV pool
             kwargs |= {"dtype": "float32", "kv_cache_memory_bytes": CPU_KV_CACHE_BYTES, "enforce_eager": True}
-        self.llm = LLM(model=str(settings.target), **{**kwargs, **settings.engine_args})
+        self.llm = offline_engine(model=str(settings.target), **{**kwargs, **settings.engine_args})
 
     def records(self, lo: int, hi: int) -> list[dict[str, Any]]:
         """Completions of prompts [lo, hi) in every mode, in (prompt, temperature) order."""
@@ -240,6 +240,7 @@ def _prepare(s: GenSettings) -> tuple[list[list[int]], str, list[int]]:
 def generate(s: GenSettings) -> dict[str, Any]:
     """Generate every missing shard locally (one engine); returns the manifest plus what was done."""
     from tandem_vllm.progress import progress_bar
+    from tandem_vllm.vllm_adapter.engine import shutdown_offline
 
     prompts, fingerprint, pending = _prepare(s)
     ranges = shard_ranges(len(prompts), s.shard_size)
@@ -254,7 +255,7 @@ def generate(s: GenSettings) -> dict[str, Any]:
             bar.update((ranges[i][1] - ranges[i][0]) * len(s.temperatures))
             bar.set_postfix(tokens=tokens, refresh=False)
         bar.close()
-        writer.llm.llm_engine.engine_core.shutdown()
+        shutdown_offline(writer.llm)
     return {**json.loads((s.out / MANIFEST).read_text()), "written_shards": len(pending), "written_tokens": tokens}
 
 

@@ -1,9 +1,10 @@
 """vLLM engines as tandem-vllm builds them, vLLM's OpenAI app around one, and what it reports.
 
-The Serve app, ``bench serve``, ``bench engine`` and ``demo run`` build engines here and nowhere else:
+The Serve app, ``bench serve``, ``bench engine``, ``demo run`` and ``gen-data`` build engines here and
+nowhere else:
 ``serve_engine`` from the `vllm serve` command line a ServeConfig means (the Serve replica and the
 bare-engine row of ``bench serve``, so the two run the same engine), ``async_engine`` from engine
-arguments (``bench engine``'s rows).
+arguments (``bench engine``'s rows), ``offline_engine`` for batch work (``demo run``, ``gen-data``).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from vllm.v1.engine.exceptions import EngineDeadError
 
 from tandem_vllm.vllm_adapter.proposer_v1 import is_tandem_checkpoint
 
-__all__ = ["EngineDeadError", "VLLMValidationError", "async_engine", "on_cpu", "openai_app", "serve_args",
-           "serve_engine", "spec_counters", "spec_metrics", "speculation_of"]
+__all__ = ["EngineDeadError", "VLLMValidationError", "async_engine", "offline_engine", "on_cpu", "openai_app",
+           "serve_args", "serve_engine", "shutdown_offline", "spec_counters", "spec_metrics", "speculation_of"]
 
 
 def on_cpu() -> bool:
@@ -43,6 +44,18 @@ def serve_engine(args: argparse.Namespace, stat_loggers: list[Any] | None = None
     from vllm.v1.engine.async_llm import AsyncLLM
 
     return AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args), stat_loggers=stat_loggers)
+
+
+def offline_engine(**engine_kwargs: Any) -> Any:
+    """vLLM's offline ``LLM`` (``demo run``, ``gen-data``)."""
+    from vllm import LLM
+
+    return LLM(**engine_kwargs)
+
+
+def shutdown_offline(llm: Any) -> None:
+    """Stop an offline engine's process now (not at interpreter exit, when its log streams may be gone)."""
+    llm.llm_engine.engine_core.shutdown()
 
 
 def async_engine(**engine_kwargs: Any) -> Any:
