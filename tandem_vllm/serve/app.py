@@ -68,7 +68,7 @@ class TandemServer:
 
         app = await openai_app(self.engine, self.args)
         app.add_middleware(LimitsAndLogging, max_request_bytes=self.cfg.max_request_bytes, max_n=self.cfg.max_n,
-                           extra_roles=tuple(self.cfg.extra_chat_roles))
+                           extra_roles=tuple(self.cfg.extra_chat_roles), api_key=self.cfg.api_key)
         return app
 
     async def check_health(self) -> None:

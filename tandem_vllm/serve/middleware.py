@@ -7,12 +7,17 @@ user message without content through the chat template and answer 200): a role o
 a system / developer / user / tool message with no content, is 400 naming ``messages[i].role`` or
 ``messages[i].content``; ``extra_roles`` admits roles a model's chat template defines.
 The body is read once (it is bounded) and replayed to the app, so streaming responses are untouched.
+With ``api_key`` every route needs ``Authorization: Bearer <key>`` except the probes in ``OPEN_PATHS``
+(vLLM's own check guards only /v1, /v2, /inference and /cohere: /tokenize, /invocations and the
+rest would answer anyone); a missing or wrong key is 401 in OpenAI's shape.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -24,6 +29,7 @@ Scope = dict[str, Any]
 _GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 _CONTENT_REQUIRED = ("system", "developer", "user", "tool")  # assistant turns may carry tool calls instead
+OPEN_PATHS = ("/health", "/metrics")  # liveness / readiness probes and Prometheus scrapes
 
 
 def openai_error(status: int, message: str, *, type_: str = "BadRequestError", param: str | None = None) -> bytes:
@@ -31,8 +37,10 @@ def openai_error(status: int, message: str, *, type_: str = "BadRequestError", p
 
 
 class LimitsAndLogging:
-    def __init__(self, app: Callable, *, max_request_bytes: int, max_n: int, extra_roles: tuple[str, ...] = ()) -> None:
+    def __init__(self, app: Callable, *, max_request_bytes: int, max_n: int, extra_roles: tuple[str, ...] = (),
+                 api_key: str | None = None) -> None:
         self.app = app
+        self.key_hash = hashlib.sha256(api_key.encode()).digest() if api_key else None
         self.max_request_bytes = max_request_bytes
         self.max_n = max_n
         self.roles = OPENAI_ROLES + tuple(r for r in extra_roles if r not in OPENAI_ROLES)
@@ -65,6 +73,12 @@ class LimitsAndLogging:
 
     async def _check(self, scope: Scope, headers: dict[str, str], receive: Callable) -> tuple[Any, Callable]:
         """(refusal or None, the receive callable the app should use)."""
+        if self.key_hash is not None and scope.get("method") != "OPTIONS" and scope.get("path") not in OPEN_PATHS:
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            given = hashlib.sha256(token.encode()).digest()
+            if scheme.lower() != "bearer" or not secrets.compare_digest(given, self.key_hash):
+                return (401, openai_error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                          type_="AuthenticationError")), receive
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
             return (413, openai_error(413, f"request body of {length} bytes exceeds the limit of "

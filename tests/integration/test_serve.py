@@ -185,6 +185,43 @@ def test_requests_without_the_api_key_get_401(app):
         assert code == 401, err
 
 
+def test_every_http_route_needs_the_key_but_the_probes(app):
+    """Every route the app serves (read from its own OpenAPI schema), called without the key, is 401
+    -- vLLM's check alone leaves /tokenize, /invocations and others open."""
+    request = urllib.request.Request(f"{app.http}/openapi.json", headers={"Authorization": f"Bearer {KEY}"})
+    routes = json.loads(urllib.request.urlopen(request, timeout=30).read())["paths"]
+    assert "/v1/completions" in routes and "/tokenize" in routes
+    checked = 0
+    for path, methods in routes.items():
+        if path in ("/health", "/metrics"):
+            continue
+        for method in methods:
+            url = app.http + re.sub(r"{[^}]+}", "x", path)
+            req = urllib.request.Request(url, data=b"{}" if method != "get" else None, method=method.upper(),
+                                         headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=30)
+            assert e.value.code == 401, (method, path)
+            checked += 1
+    assert checked >= 10
+
+
+def test_every_grpc_method_needs_the_key(stub):
+    import grpc
+
+    from tandem_vllm.serve.grpc_api import pb
+
+    service = pb.DESCRIPTOR.services_by_name["TandemGeneration"]
+    calls = {"Generate": lambda: list(stub.Generate(pb.GenerateRequest(prompt="x"), timeout=30)),
+             "Complete": lambda: stub.Complete(pb.CompleteRequest(prompt="x"), timeout=30),
+             "ModelInfo": lambda: stub.ModelInfo(pb.ModelInfoRequest(), timeout=30)}
+    assert sorted(calls) == sorted(m.name for m in service.methods)  # a new method must be added here
+    for name, call in calls.items():
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+
+
 def test_a_client_leaving_mid_stream_aborts_its_request(app):
     """900 tokens are asked for; the client leaves after a few. The engine must drop the request (no
     request running) having generated far fewer than 900 tokens, and it never finishes as 'length'."""

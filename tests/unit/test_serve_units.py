@@ -212,6 +212,19 @@ def test_limits_pass_good_requests_through_with_their_body_intact():
     assert _call(app, b"{}", path="/v1/models", method="GET")[0] == 200
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/tokenize", "/invocations", "/version", "/anything/new"])
+def test_the_api_key_guards_every_route_but_the_probes(path):
+    """vLLM's own check covers /v1, /v2, /inference and /cohere only; with a key, every route needs it."""
+    app = LimitsAndLogging(_echo, max_request_bytes=1024, max_n=2, api_key="s3cret")
+    for headers in ((), ((b"authorization", b"Bearer wrong"),), ((b"authorization", b"Basic s3cret"),)):
+        status, body = _call(app, b"{}", path=path, headers=headers)
+        assert status == 401 and body["error"]["type"] == "AuthenticationError"
+    assert _call(app, b"{}", path=path, headers=((b"authorization", b"Bearer s3cret"),))[0] == 200
+    for probe in ("/health", "/metrics"):
+        assert _call(app, b"{}", path=probe, method="GET")[0] == 200
+    assert _call(LimitsAndLogging(_echo, max_request_bytes=1024, max_n=2), b"{}", path=path)[0] == 200  # no key
+
+
 @pytest.mark.parametrize(
     ("body", "status", "fragment"),
     [
