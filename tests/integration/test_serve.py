@@ -340,6 +340,30 @@ def test_grpc_bad_input_is_invalid_argument(stub, prompt, options, fragment):
     assert ok.usage.completion_tokens >= 1
 
 
+def test_a_cancelled_grpc_stream_is_aborted_in_the_engine(stub, app):
+    """The client cancels a 900-token Generate stream after a few messages. Server side, the engine
+    stops running the request without it ever finishing (vLLM counts every finish -- length, stop --
+    but not an abort) and having generated far fewer than 900 tokens."""
+    from tandem_vllm.serve.grpc_api import pb
+
+    finished = _metric(app.http, "vllm:request_success_total")
+    generated = _metric(app.http, "vllm:generation_tokens_total")
+    call = stub.Generate(pb.GenerateRequest(prompt="import sys\n", sampling=pb.SamplingOptions(max_tokens=900)),
+                         metadata=META, timeout=300)
+    for i, _ in enumerate(call):
+        if i == 2:
+            assert _metric(app.http, "vllm:num_requests_running") == 1
+            call.cancel()
+            break
+    deadline = time.monotonic() + 60
+    while _metric(app.http, "vllm:num_requests_running") > 0:
+        assert time.monotonic() < deadline, "the cancelled request is still running after 60 s"
+        time.sleep(0.2)
+    time.sleep(2)
+    assert _metric(app.http, "vllm:request_success_total") == finished, "the request finished instead of aborting"
+    assert _metric(app.http, "vllm:generation_tokens_total") - generated < 900
+
+
 def test_grpc_without_the_key_is_unauthenticated_and_deadlines_hold(stub):
     import grpc
 
