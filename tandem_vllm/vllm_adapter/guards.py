@@ -46,6 +46,11 @@ class Guards:
     def to_env(self) -> str:
         return json.dumps(asdict(self))
 
+    def with_values(self, data: dict[str, Any]) -> Guards:
+        """A copy with ``data``'s fields, each converted to the field's type (JSON and vllm_xargs give
+        ints for floats and strings for numbers)."""
+        return replace(self, **{k: type(getattr(self, k))(v) for k, v in data.items()})
+
     @classmethod
     def parse(cls, data: dict[str, Any], where: str) -> Guards:
         unknown = set(data) - set(cls.__dataclass_fields__)
@@ -53,7 +58,7 @@ class Guards:
             raise TandemError(f"{where}: unknown guard {', '.join(sorted(unknown))}; known: "
                               f"{', '.join(cls.__dataclass_fields__)}")
         try:
-            return cls(**{k: type(getattr(cls(), k))(v) for k, v in data.items()})
+            return cls().with_values(data)
         except (TypeError, ValueError) as e:
             raise TandemError(f"{where}: {e}") from None
 
@@ -79,30 +84,35 @@ def for_request(defaults: Guards, extra_args: dict[str, Any] | None) -> Guards:
     if not mine:
         return defaults
     try:
-        return replace(defaults, **{k: type(getattr(defaults, k))(v) for k, v in mine.items()})
+        return defaults.with_values(mine)
     except (TypeError, ValueError, TandemError):
         return defaults
 
 
 @dataclass
 class GuardState:
-    """One request's recent drafts (drafted, accepted) and the steps left in its back-off."""
+    """One request's guards, its recent drafts (drafted, accepted) and the steps left in its back-off."""
 
+    guards: Guards
     recent: deque[tuple[int, int]] = field(default_factory=deque)
     paused: int = 0
     fired: int = 0  # how often the acceptance guard fired (for tests and logs)
 
-    def observe(self, drafted: int, accepted: int, window: int) -> None:
+    def observe(self, drafted: int, accepted: int) -> None:
+        if not self.guards.min_acceptance:
+            return
         self.recent.append((drafted, accepted))
-        while sum(d for d, _ in self.recent) - self.recent[0][0] >= window:  # keep >= window draft tokens
+        while sum(d for d, _ in self.recent) - self.recent[0][0] >= self.guards.window:  # keep >= window tokens
             self.recent.popleft()
 
-    def blocks_next_step(self, guards: Guards, num_tokens: int) -> bool:
+    def blocks_next_step(self, num_tokens: int) -> bool:
         """Whether the next step surely verifies no drafts for this request (no state change)."""
-        return bool(guards.max_context and num_tokens >= guards.max_context) or self.paused > 0
+        guards = self.guards
+        return guards.active and (bool(guards.max_context and num_tokens >= guards.max_context) or self.paused > 0)
 
-    def allows_drafts(self, guards: Guards, num_tokens: int) -> bool:
+    def allows_drafts(self, num_tokens: int) -> bool:
         """Whether this request may verify drafts in the step being scheduled."""
+        guards = self.guards
         if guards.max_context and num_tokens >= guards.max_context:
             return False
         if not guards.min_acceptance:

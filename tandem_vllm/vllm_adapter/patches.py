@@ -222,12 +222,14 @@ def no_draft_handover_after_k0_steps(scheduler_cls: Any, engine_core_cls: Any) -
     @functools.wraps(schedule)
     def _schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
         out = schedule(self, *args, **kwargs)
-        self.tandem_drafts_wanted = out.num_spec_tokens_to_schedule > 0 or not serves_tandem(self)
+        self.tandem_last_output = out  # read by post_step once every schedule wrapper has had its say
         return out
 
     @functools.wraps(post_step)
     def _post_step(self: Any, model_executed: bool) -> None:
-        if self.async_scheduling or getattr(self.scheduler, "tandem_drafts_wanted", True):
+        out = getattr(self.scheduler, "tandem_last_output", None)
+        if (self.async_scheduling or out is None or out.num_spec_tokens_to_schedule > 0
+                or not serves_tandem(self.scheduler)):
             post_step(self, model_executed)
 
     scheduler_cls.schedule = _mark(_schedule, "k0-skip")
@@ -241,47 +243,43 @@ def speculation_guards(scheduler_cls: Any) -> None:
     schedule, count = scheduler_cls.schedule, scheduler_cls.make_spec_decoding_stats
     signature = inspect.signature(count)
 
-    def state(request: Any) -> GuardState:
-        if not hasattr(request, "_tandem_guard"):
-            request._tandem_guard = GuardState()
-            request._tandem_guards = guards.for_request(guards.server_defaults(), request.sampling_params.extra_args)
-        return request._tandem_guard
-
-    def blocked_next_step(request: Any, lookahead: int) -> bool:
+    def state(scheduler: Any, request: Any) -> GuardState | None:
+        """The request's guard state (made on first sight from the engine's defaults, read once per
+        scheduler, and the request's overrides); None for requests without sampling params."""
         if request.sampling_params is None:
-            return False
-        st = state(request)
-        return request._tandem_guards.active and st.blocks_next_step(request._tandem_guards, request.num_tokens + lookahead)
+            return None
+        if not hasattr(request, "_tandem_guard"):
+            if "_tandem_guard_defaults" not in scheduler.__dict__:
+                scheduler._tandem_guard_defaults = guards.server_defaults()
+            request._tandem_guard = GuardState(
+                guards.for_request(scheduler._tandem_guard_defaults, request.sampling_params.extra_args))
+        return request._tandem_guard
 
     @functools.wraps(schedule)
     def _schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
         if not self.num_spec_tokens:
             return schedule(self, *args, **kwargs)
         for request in self.running:
-            if request.spec_token_ids and request.sampling_params is not None:
-                st = state(request)
-                if request._tandem_guards.active and not st.allows_drafts(request._tandem_guards, request.num_tokens):
-                    request.spec_token_ids = []
+            st = state(self, request) if request.spec_token_ids else None
+            if st is not None and st.guards.active and not st.allows_drafts(request.num_tokens):
+                request.spec_token_ids = []
         out = schedule(self, *args, **kwargs)
         # When no scheduled request may verify drafts next step, draft nothing this step (K = 0, as
         # vLLM's dynamic K does): a Tandem drafter then only writes context K/V.
         lookahead = 1 + self.num_spec_tokens  # the most tokens a request gains in this step
         if out.num_spec_tokens_to_schedule and self.running and all(
-            blocked_next_step(request, lookahead) for request in self.running
+            (st := state(self, request)) is not None and st.blocks_next_step(request.num_tokens + lookahead)
+            for request in self.running
         ):
             out.num_spec_tokens_to_schedule = 0
-            if hasattr(self, "tandem_drafts_wanted"):
-                self.tandem_drafts_wanted = False
         return out
 
     @functools.wraps(count)
     def make_spec_decoding_stats(self: Any, *args: Any, **kwargs: Any) -> Any:
         call = signature.bind(self, *args, **kwargs).arguments
         request = self.requests.get(call.get("request_id"))
-        if request is not None and request.sampling_params is not None:
-            st = state(request)
-            if request._tandem_guards.min_acceptance:
-                st.observe(call["num_draft_tokens"], call["num_accepted_tokens"], request._tandem_guards.window)
+        if request is not None and (st := state(self, request)) is not None:
+            st.observe(call["num_draft_tokens"], call["num_accepted_tokens"])
         return count(self, *args, **kwargs)
 
     scheduler_cls.schedule = _mark(_schedule, "guards")

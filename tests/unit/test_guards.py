@@ -33,23 +33,23 @@ def test_bad_server_defaults_are_one_line_errors(value, fragment):
 
 
 def test_the_context_guard_stops_drafts_at_n_tokens():
-    g, st = Guards(max_context=100), GuardState()
-    assert st.allows_drafts(g, 99) and not st.allows_drafts(g, 100) and not st.allows_drafts(g, 500)
+    st = GuardState(Guards(max_context=100))
+    assert st.allows_drafts(99) and not st.allows_drafts(100) and not st.allows_drafts(500)
 
 
 def test_the_acceptance_guard_fires_below_the_threshold_backs_off_and_retries():
-    g, st = Guards(min_acceptance=0.5, window=9, backoff=2), GuardState()
+    st = GuardState(Guards(min_acceptance=0.5, window=9, backoff=2))
     for _ in range(2):
-        st.observe(3, 0, g.window)
-    assert st.allows_drafts(g, 10)  # 6 draft tokens < window: not judged yet
-    st.observe(3, 1, g.window)  # 1 / 9 accepted
-    assert not st.allows_drafts(g, 10) and st.fired == 1
-    assert not st.allows_drafts(g, 10)  # back-off step 1 (of 2) ...
-    assert st.allows_drafts(g, 10)  # ... and drafting resumes with a fresh window
+        st.observe(3, 0)
+    assert st.allows_drafts(10)  # 6 draft tokens < window: not judged yet
+    st.observe(3, 1)  # 1 / 9 accepted
+    assert not st.allows_drafts(10) and st.fired == 1
+    assert not st.allows_drafts(10)  # back-off step 1 (of 2) ...
+    assert st.allows_drafts(10)  # ... and drafting resumes with a fresh window
     for _ in range(4):
-        st.observe(3, 3, g.window)
+        st.observe(3, 3)
     assert len(st.recent) == 3  # the window keeps just enough steps for 9 draft tokens
-    assert st.allows_drafts(g, 10) and st.fired == 1
+    assert st.allows_drafts(10) and st.fired == 1
 
 
 def _scheduler(requests):
