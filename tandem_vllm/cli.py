@@ -11,20 +11,35 @@ from typing import Any
 from tandem_vllm.errors import TandemError
 
 
-def _train(a: argparse.Namespace) -> None:
+def train_args(a: argparse.Namespace) -> Any:
+    """The TrainArgs a `train` command line means (validated)."""
     from tandem_vllm.train.args import ModelDims, TrainArgs, parse_blocks
-    from tandem_vllm.train.trainer import train
 
     block_min, block_size = parse_blocks(a.block_size)
-    args = TrainArgs(gen_data=tuple(a.gen_data or ()), gen_ratio=a.gen_ratio, block_min=block_min,
+    return TrainArgs(gen_data=tuple(a.gen_data or ()), gen_ratio=a.gen_ratio, block_min=block_min,
         kind=a.kind, out=a.out, data=tuple(a.data), target=a.target, tokenizer=a.tokenizer, eval_data=tuple(a.eval_data or ()),
         dims=ModelDims(layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads or a.heads, intermediate=a.intermediate),
         taps=a.taps, block_size=block_size, seq_len=a.seq_len, batch_size=a.batch_size, grad_accum=a.grad_accum,
         steps=a.steps, lr=a.lr, warmup=a.warmup, loss=a.loss, ce_fraction=a.ce_fraction, eval_every=a.eval_every,
         save_every=a.save_every, seed=a.seed, device=a.device, bf16=a.bf16, attn=a.attn, resume=a.resume,
+        parallel=a.parallel,
     )
+
+
+def _train(a: argparse.Namespace) -> None:
+    from tandem_vllm.train.trainer import train
+
+    args = train_args(a)
+    if a.ray is not None:
+        from tandem_vllm.train.ray_train import train_on_ray
+
+        summary = train_on_ray(args, address=a.ray, workers=a.workers, use_gpu=a.use_gpu)
+        print(json.dumps({"out": str(args.out), "steps": summary["steps"], "eval": summary["eval"],
+                          "throughput": summary.get("throughput")}))
+        return
     res = train(args)
-    print(json.dumps({"out": str(res.out), "steps": res.steps, "eval": res.metrics}))
+    if res.rank == 0:
+        print(json.dumps({"out": str(res.out), "steps": res.steps, "eval": res.metrics}))
 
 
 def _train_router(a: argparse.Namespace) -> None:
@@ -63,7 +78,8 @@ def _generate(a: argparse.Namespace) -> None:
                    sampling=sampling, mode=a.mode, seed=a.seed)
 
 
-def _gen_data(a: argparse.Namespace) -> None:
+def gen_settings(a: argparse.Namespace) -> Any:
+    """The GenSettings a `gen-data` command line means (validated)."""
     from tandem_vllm.train import gen_data
     from tandem_vllm.train.args import parse_blocks
 
@@ -74,11 +90,17 @@ def _gen_data(a: argparse.Namespace) -> None:
         raise TandemError(f"--engine-args is not a JSON object: {a.engine_args!r}") from None
     if not isinstance(engine_args, dict):
         raise TandemError(f"--engine-args must be a JSON object of vllm.LLM arguments, got {a.engine_args!r}")
-    settings = gen_data.GenSettings(
+    return gen_data.GenSettings(
         target=a.target, out=a.out, corpus=tuple(a.corpus or ()), prompts=a.prompts, num_prompts=a.num_prompts,
         prompt_tokens=(lo or hi, hi), temperatures=tuple(a.temperatures), top_p=a.top_p, max_tokens=a.max_tokens,
         shard_size=a.shard_size, seed=a.seed, engine_args=engine_args,
     )
+
+
+def _gen_data(a: argparse.Namespace) -> None:
+    from tandem_vllm.train import gen_data
+
+    settings = gen_settings(a)
     if a.ray is not None:
         import ray
 
@@ -88,6 +110,29 @@ def _gen_data(a: argparse.Namespace) -> None:
         done = gen_data.generate(settings)
     print(json.dumps({"out": str(a.out), "prompts": done["prompts"], "shards": done["shards"],
                       "written_shards": done["written_shards"], "written_tokens": done["written_tokens"]}))
+
+
+def _engine_flags(p: argparse.ArgumentParser, *, batch_sizes: list[int]) -> None:
+    """Flags every in-process engine benchmark shares: prompts, batch sizes, lengths, engine size, report."""
+    p.add_argument("--prompts", required=True, help='JSONL, one {"prompt": ...} per line')
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--skip-prompts", type=int, default=0, help="start after this many prompts (measure a "
+                   "schedule on prompts other than those it is judged on)")
+    p.add_argument("--batch-sizes", type=_int_list, default=batch_sizes)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (rows checked against target alone); > 0 samples, drafters drafting probabilistically")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--kv-cache-mib", type=int, default=512)
+    p.add_argument("--json", required=True, help="report path; a .md table is written beside it")
+    p.add_argument("--plot", help="PNG path")
+
+
+def _resume(text: str) -> str:
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"{text!r}: --resume takes no value, or 'auto'")
+    return text
 
 
 def _int_list(text: str) -> list[int]:
@@ -115,17 +160,20 @@ def _bench_engine(a: argparse.Namespace) -> None:
     from tandem_vllm.bench import engine
     from tandem_vllm.quality import read_prompts
 
-    prompts = read_prompts(a.prompts)[: a.num_prompts]
-    engine_kwargs = dict(
-        dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=max(a.batch_sizes),
-        kv_cache_memory_bytes=a.kv_cache_mib * 2**20, enforce_eager=True, seed=0,
-    )
+    prompts = read_prompts(a.prompts)[a.skip_prompts : a.skip_prompts + a.num_prompts]
+    engine_kwargs = _bench_engine_kwargs(a)
+    schedule = None
+    if a.k_schedule:
+        from tandem_vllm.bench.schedule import read
+
+        schedule = read(a.k_schedule)
     cells = engine.run(target=a.target, tandem=a.tandem, baseline=a.baseline, prompts=prompts, batch_sizes=a.batch_sizes,
                        max_tokens=a.max_tokens, k=a.k, fallback_batch_size=a.fallback_batch_size, engine_kwargs=engine_kwargs,
                        repeat=a.repeat, tandem_router=a.tandem_router, step_times=a.step_times,
-                       temperature=a.temperature, ngram=not a.no_ngram, eagle3=a.eagle3, guards=a.guards)
+                       temperature=a.temperature, ngram=not a.no_ngram, eagle3=a.eagle3, guards=a.guards,
+                       schedule=schedule)
     meta = {"target": a.target, "tandem": a.tandem, "tandem_router": a.tandem_router, "baseline": a.baseline,
-            "eagle3": a.eagle3, "guards": a.guards,
+            "eagle3": a.eagle3, "guards": a.guards, "k_schedule": schedule, "skip_prompts": a.skip_prompts,
             "prompts": len(prompts), "temperature": a.temperature,
             "max_tokens": a.max_tokens, "k": a.k, "repeat": a.repeat, "engine": engine_kwargs}
     engine.write_json(cells, Path(a.json), meta)
@@ -138,6 +186,32 @@ def _bench_engine(a: argparse.Namespace) -> None:
         how = "greedy" if a.temperature == 0 else f"T={a.temperature:g}"
         engine.plot(cells, Path(a.plot), f"{len(prompts)} prompts x {a.max_tokens} tokens, {how}, k={a.k}")
     print(table)
+
+
+def _bench_engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    return dict(dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=max(a.batch_sizes),
+                kv_cache_memory_bytes=a.kv_cache_mib * 2**20, enforce_eager=True, seed=0)
+
+
+def _bench_schedule(a: argparse.Namespace) -> None:
+    from tandem_vllm.bench import schedule as bench
+    from tandem_vllm.quality import read_prompts
+
+    prompts = read_prompts(a.prompts)[a.skip_prompts : a.skip_prompts + a.num_prompts]
+    ks = list(range(1, a.max_k + 1))
+    found, cells = bench.run(target=a.target, drafter=a.drafter, prompts=prompts, batch_sizes=a.batch_sizes, ks=ks,
+                             max_tokens=a.max_tokens, engine_kwargs=_bench_engine_kwargs(a), repeat=a.repeat,
+                             temperature=a.temperature)
+    meta = {"target": a.target, "drafter": a.drafter, "prompts": len(prompts), "skip_prompts": a.skip_prompts,
+            "temperature": a.temperature, "max_tokens": a.max_tokens, "ks": ks, "repeat": a.repeat}
+    bench.write_json(found, cells, a.drafter, Path(a.json), meta)
+    table = bench.markdown(found, cells)
+    Path(a.json).with_suffix(".md").write_text(table)
+    if a.plot:
+        how = "greedy" if a.temperature == 0 else f"T={a.temperature:g}"
+        bench.plot(cells, found, Path(a.plot), f"{len(prompts)} prompts x {a.max_tokens} tokens, {how}")
+    print(table)
+    print("speculative_config:", json.dumps(bench.speculative_config(a.drafter, found)))
 
 
 def _bench_serve(a: argparse.Namespace) -> None:
@@ -202,8 +276,12 @@ def _serve(a: argparse.Namespace) -> None:
     from tandem_vllm.serve.config import ServeConfig
     from tandem_vllm.serve.launch import serve_forever
 
-    passed = set(ServeConfig.model_fields) - {"speculative_config", "vllm_args"}
+    passed = set(ServeConfig.model_fields) - {"speculative_config", "vllm_args", "speculation_schedule"}
     fields: dict[str, Any] = {k: getattr(a, k) for k in passed if getattr(a, k, None) is not None}
+    if a.speculation_schedule is not None:
+        from tandem_vllm.bench.schedule import read
+
+        fields["speculation_schedule"] = read(a.speculation_schedule)
     if a.speculative_config is not None:
         try:
             fields["speculative_config"] = json.loads(a.speculative_config)
@@ -251,7 +329,17 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto")
     t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto")
     t.add_argument("--attn", choices=["auto", "sdpa", "flex"], default="auto", help="training attention; auto = flex on CUDA")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--resume", nargs="?", const=True, default=False, metavar="auto", type=_resume,
+                   help="continue the run in --out from its last checkpoint, at any number of processes ('--resume auto': "
+                        "continue if there is one, else start; for jobs that are retried)")
+    t.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
+                   help="under torchrun or --ray: a copy of the drafter per process (ddp) or the drafter and the frozen "
+                        "target sharded across them (fsdp, FSDP2); --batch-size is the global micro-batch either way")
+    t.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="train with Ray Train on this Ray cluster (no ADDRESS: RAY_ADDRESS's, else a local Ray); --out "
+                        "must be storage every worker shares")
+    t.add_argument("--workers", type=int, default=2, help="--ray: training workers (processes)")
+    t.add_argument("--use-gpu", action="store_true", help="--ray: one GPU per worker")
     t.set_defaults(func=_train)
 
     gd = sub.add_parser("gen-data", help="training data from the target itself: its continuations of prompts, via vLLM",
@@ -331,34 +419,38 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--eagle3", help="EAGLE-3 head directory (`train --kind eagle3`): a row with vLLM's eagle3 method")
     be.add_argument("--tandem-router", help="the Tandem drafter with a router (`train-router --out`): adds a router "
                                             "row and makes the adaptive row use it")
-    be.add_argument("--prompts", required=True, help='JSONL, one {"prompt": ...} per line')
-    be.add_argument("--num-prompts", type=int, default=32)
-    be.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 16])
-    be.add_argument("--max-tokens", type=int, default=64)
+    _engine_flags(be, batch_sizes=[1, 4, 16])
     be.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
-    be.add_argument("--temperature", type=float, default=0.0,
-                    help="0 = greedy (rows checked against target alone); > 0 samples, drafters drafting probabilistically")
     be.add_argument("--no-ngram", action="store_true", help="leave out vLLM's n-gram prompt-lookup row")
     be.add_argument("--guards", help='speculation guards as JSON, e.g. \'{"max_context": 1024, "min_acceptance": 0.3}\': '
                     "adds a guarded Tandem row (fields: max_context, min_acceptance, window, backoff)")
     be.add_argument("--fallback-batch-size", type=int, default=8,
                     help="adaptive row: stop speculating at this many running requests (0: no adaptive row)")
+    be.add_argument("--k-schedule", metavar="JSON",
+                    help="a `bench schedule` report: adds a Tandem row drafting k by batch size as it measured")
     be.add_argument("--repeat", type=int, default=3, help="passes per cell; the median (by tokens/s) is reported")
-    be.add_argument("--dtype", default="float32")
-    be.add_argument("--max-model-len", type=int, default=1024)
-    be.add_argument("--kv-cache-mib", type=int, default=512)
-    be.add_argument("--json", required=True, help="report path; a .md table is written beside it")
-    be.add_argument("--plot", help="PNG path")
     be.add_argument("--step-times", metavar="DIR",
                     help="record every engine step's phases (schedule, target forward, sampler, drafting...) into DIR "
                          "and add a table of where each step's time went")
     be.set_defaults(func=_bench_engine)
+
+    bs = b.add_parser("schedule", help="measure how many tokens to draft at each batch size (vLLM's dynamic-K schedule)",
+                      description="Target alone and the drafter at k = 1..--max-k, every batch size, one run; writes "
+                                  "the fastest k per batch size as vLLM's num_speculative_tokens_per_batch_size.")
+    bs.add_argument("--target", required=True)
+    bs.add_argument("--drafter", required=True, help="drafter directory (Tandem or standalone)")
+    _engine_flags(bs, batch_sizes=[1, 2, 4, 8, 16, 32])
+    bs.add_argument("--max-k", type=int, default=3, help="measure k = 1..max-k")
+    bs.add_argument("--repeat", type=int, default=1, help="passes per cell; the median (by tokens/s) is reported")
+    bs.set_defaults(func=_bench_schedule)
 
     s = sub.add_parser("serve", help="serve on Ray Serve: OpenAI HTTP API + gRPC (no --model: the demo pair)",
                        epilog="Anything after `--` is passed to vLLM's own `vllm serve` parser.")
     s.add_argument("--model", help="local Hugging Face target directory (default: the embedded demo pair)")
     s.add_argument("--drafter", help="Tandem drafter directory (shortcut for --speculative-config)")
     s.add_argument("--num-speculative-tokens", type=int)
+    s.add_argument("--speculation-schedule", metavar="JSON",
+                   help="with --drafter: k by batch size, a `bench schedule` report (or its [[first, last, k], ...] list)")
     s.add_argument("--speculative-config", help="vLLM speculative_config as JSON, as `vllm serve` takes it")
     s.add_argument("--no-speculation", action="store_true", default=None, help="serve the target alone")
     s.add_argument("--served-model-name")

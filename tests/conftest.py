@@ -57,6 +57,29 @@ def tiny_tandem(target, *, seed: int = 1, **kw) -> TandemDrafter:
     return TandemDrafter(tandem_config_for(target, **kw)).double().eval()
 
 
+def build_train_workdir(root):
+    """A tokenizer trained on 40 stdlib files, 60 kB of their text (data.txt) and a tiny random
+    Llama target saved with it (target/): what the trainer tests train drafters against."""
+    from tandem_vllm.demo.corpus import read_sources, stdlib_files, train_tokenizer
+
+    texts = list(read_sources(stdlib_files()[:40]))
+    tok = train_tokenizer(texts, 320, root / "tok")
+    (root / "data.txt").write_text("\n".join(texts)[:60_000])
+    torch.manual_seed(0)
+    target = LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id)
+    )
+    target.save_pretrained(root / "target")
+    tok.save_pretrained(root / "target")
+    return root
+
+
+@pytest.fixture(scope="session")
+def train_workdir(tmp_path_factory):
+    return build_train_workdir(tmp_path_factory.mktemp("train"))
+
+
 @pytest.fixture(scope="session")
 def target():
     return tiny_llama()

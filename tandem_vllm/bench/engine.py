@@ -83,9 +83,11 @@ class Cell:
 def rows_for(
     *, tandem: str, baseline: str | None, k: int, fallback_batch_size: int | None, tandem_router: str | None = None,
     ngram: bool = True, eagle3: str | None = None, guards: str | None = None,
+    schedule: list[tuple[int, int, int]] | None = None,
 ) -> list[Row]:
     """The rows of one run. The adaptive row is the batch-size fallback, plus the learned router
-    (``tandem_router``: a drafter directory from ``train-router``) when one is given."""
+    (``tandem_router``: a drafter directory from ``train-router``) when one is given. ``schedule``
+    (from ``bench schedule``) adds a row drafting k by batch size as measured for this pair."""
     rows = [Row("target alone", None)]
     if ngram:
         rows.append(Row(f"n-gram lookup (k={k})", {**NGRAM, "num_speculative_tokens": k}))
@@ -101,15 +103,21 @@ def rows_for(
         rows.append(Row(f"Tandem+SPEED router (k<={k})", {"model": tandem_router, "num_speculative_tokens": k, **SAMPLED_DRAFTS}))
     if fallback_batch_size:
         # vLLM's dynamic-K schedule: draft k tokens below the threshold, none at or above it.
-        schedule = [(1, fallback_batch_size - 1, k), (fallback_batch_size, 1 << 20, 0)]
+        fallback = [(1, fallback_batch_size - 1, k), (fallback_batch_size, 1 << 20, 0)]
         how = f"router, k<={k}" if tandem_router else f"k={k}"
         rows.append(
             Row(
                 f"Tandem+SPEED adaptive ({how}, off at batch >= {fallback_batch_size})",
                 {"model": tandem_router or tandem, "num_speculative_tokens": k,
-                 "num_speculative_tokens_per_batch_size": schedule, **SAMPLED_DRAFTS},
+                 "num_speculative_tokens_per_batch_size": fallback, **SAMPLED_DRAFTS},
             )
         )
+    if schedule:
+        from tandem_vllm.bench.schedule import UNBOUNDED, speculative_config
+
+        ranges = ", ".join(f"{lo}-{'' if hi == UNBOUNDED else hi}:{kk}" for lo, hi, kk in schedule)
+        rows.append(Row(f"Tandem+SPEED measured schedule (batch:k {ranges})",
+                        speculative_config(tandem, schedule) or None))
     return rows
 
 
@@ -148,7 +156,7 @@ async def _cell(row: Row, one: Any, prompts: list[str], batch_size: int) -> Cell
     )
 
 
-async def _bench_row(
+async def bench_row(
     row: Row, *, target: str, prompts: list[str], batch_sizes: list[int], max_tokens: int, repeat: int,
     engine_kwargs: dict[str, Any], temperature: float = 0.0,
 ) -> list[Cell]:
@@ -202,6 +210,7 @@ def run(
     ngram: bool = True,
     eagle3: str | None = None,
     guards: str | None = None,
+    schedule: list[tuple[int, int, int]] | None = None,
 ) -> list[Cell]:
     """Every row at every batch size. ``step_times``: a directory the engine processes record each
     step's phases into (bench/steps.py); each cell then carries the summary of its measured pass."""
@@ -210,13 +219,14 @@ def run(
     if guards:
         server_defaults(guards)  # a bad value is refused before any engine starts
     rows = rows_for(tandem=tandem, baseline=baseline, k=k, fallback_batch_size=fallback_batch_size,
-                    tandem_router=tandem_router, ngram=ngram, eagle3=eagle3, guards=guards)
+                    tandem_router=tandem_router, ngram=ngram, eagle3=eagle3, guards=guards,
+                    schedule=schedule)
     cells: list[Cell] = []
     bar = progress_bar(total=len(rows), desc="engine rows", unit="row")
     with steps.recording(step_times):
         for row in rows:
             cells += asyncio.run(
-                _bench_row(
+                bench_row(
                     row,
                     target=target,
                     prompts=prompts,

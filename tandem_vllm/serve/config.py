@@ -65,6 +65,10 @@ class ServeConfig(BaseModel):
         "defaults every request gets (a request overrides them with vllm_xargs speculate_<name>): max_context (no "
         "drafts once a request's context reaches N tokens), min_acceptance with window and backoff (a request "
         "whose last `window` draft tokens were accepted less than this often drafts nothing for `backoff` steps).")
+    speculation_schedule: list[tuple[int, int, int]] | None = Field(None, description="With `drafter`: how many "
+        "tokens to draft at each number of running requests, as vLLM's num_speculative_tokens_per_batch_size "
+        "([first, last, k] ranges from 1; k = 0 drafts nothing), e.g. the `schedule` that `tandem-vllm bench "
+        "schedule` measures for the pair. None: num_speculative_tokens at every batch size.")
     speculative_config: dict[str, Any] | None = Field(None, description="vLLM's speculative_config as a dict, "
                                                       "exactly as `vllm serve --speculative-config` takes it.")
     no_speculation: bool = Field(False, description="Serve the target alone (also for the demo pair).")
@@ -111,6 +115,20 @@ class ServeConfig(BaseModel):
             raise ValueError("no_speculation contradicts the drafter / speculative_config also given")
         if self.api_key and self.api_key_env:
             raise ValueError("give either api_key or api_key_env, not both")
+        if self.speculation_schedule is not None:
+            from tandem_vllm.bench.schedule import validate
+
+            if self.speculative_config:
+                raise ValueError("speculation_schedule goes with drafter; inside speculative_config write "
+                                 "num_speculative_tokens_per_batch_size")
+            try:
+                validate(self.speculation_schedule, "speculation_schedule")
+            except TandemError as e:
+                raise ValueError(str(e)) from None
+            most = max(k for _, _, k in self.speculation_schedule)
+            if most > self.num_speculative_tokens:
+                raise ValueError(f"speculation_schedule drafts up to {most} tokens; raise num_speculative_tokens "
+                                 f"({self.num_speculative_tokens}) to {most}")
         if self.speculation_guards:
             from tandem_vllm.vllm_adapter.guards import Guards
 
@@ -157,8 +175,11 @@ class ServeConfig(BaseModel):
         if self.speculative_config:
             return dict(self.speculative_config)
         if self.drafter:
-            return {"model": self.drafter, "num_speculative_tokens": self.num_speculative_tokens,
-                    "draft_sample_method": self.draft_sample_method}
+            spec: dict[str, Any] = {"model": self.drafter, "num_speculative_tokens": self.num_speculative_tokens,
+                                    "draft_sample_method": self.draft_sample_method}
+            if self.speculation_schedule:
+                spec["num_speculative_tokens_per_batch_size"] = [list(r) for r in self.speculation_schedule]
+            return spec
         return None
 
     def vllm_cli(self, *, on_cpu: bool) -> list[str]:

@@ -80,8 +80,10 @@ class TrainArgs:
     device: str = "auto"
     bf16: Literal["auto", "on", "off"] = "auto"
     attn: Literal["auto", "sdpa", "flex"] = "auto"  # Tandem training attention; auto = flex on CUDA
-    resume: bool = False
+    resume: bool | Literal["auto"] = False  # "auto": continue the run in out if it has a checkpoint, else start it
     progress: bool = True
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun / Ray Train: replicate the student (DDP) or shard
+    # the student and the frozen target across the processes (FSDP2)
 
     def __post_init__(self) -> None:
         if self.kind in ("tandem", "baseline", "eagle3") and self.target is None:

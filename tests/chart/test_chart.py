@@ -326,6 +326,7 @@ def test_notes_tell_how_to_reach_both_endpoints(chart):
     ({"model": {"storage": {"type": "s3"}}}, "/model/storage/type'"),
     ({"head": {"rayStartParams": {"num-gpus": 1}}}, "/head/rayStartParams/num-gpus'"),
     ({"podDisruptionBudget": {"maxUnavailable": "half"}}, "/podDisruptionBudget/maxUnavailable'"),
+    ({"speculation": {"schedule": [[1, 4]]}}, "/speculation/schedule/0'"),
 ])
 def test_nonsense_values_are_refused_with_the_key_named(chart, values, fragment):
     merged = _deep_merge(MINIMAL, values)
@@ -334,6 +335,17 @@ def test_nonsense_values_are_refused_with_the_key_named(chart, values, fragment)
     assert fragment in str(e.value)
     with pytest.raises(helm_python.HelmError):  # and an install would refuse it the same way
         chart.render(merged, name="llm", namespace="serving")
+
+
+def test_a_measured_schedule_reaches_the_drafter_config(chart):
+    from tandem_vllm.serve.config import ServeConfig
+
+    args = app_args(one(manifests(chart, _deep_merge(MINIMAL, {"speculation": {"schedule": [[1, 2, 3], [3, 1048576, 1]]}})),
+                        "RayService"))
+    assert args["speculation_schedule"] == [[1, 2, 3], [3, 1048576, 1]]
+    spec = ServeConfig.parse(args).speculation()
+    assert spec is not None and spec["num_speculative_tokens_per_batch_size"] == [[1, 2, 3], [3, 1048576, 1]]
+    assert "speculation_schedule" not in app_args(one(manifests(chart, MINIMAL), "RayService"))
 
 
 def test_a_missing_model_is_refused_and_the_demo_needs_none(chart):

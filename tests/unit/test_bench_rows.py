@@ -1,6 +1,12 @@
 """Which rows `bench engine` runs, and with what speculative config."""
 
+import json
+
+import pytest
+
 from tandem_vllm.bench.engine import rows_for
+from tandem_vllm.bench.schedule import UNBOUNDED, pick, read, speculative_config, validate
+from tandem_vllm.errors import TandemError
 
 
 def test_rows_without_and_with_a_router():
@@ -23,3 +29,44 @@ def test_rows_without_and_with_a_router():
     assert routed[3].speculative_config["model"] == "/d/adaptive"
     assert [r.name for r in rows_for(tandem="t", baseline=None, k=2, fallback_batch_size=0, ngram=False)] == [
         "target alone", "Tandem+SPEED (k=2)"]
+
+
+def test_schedule_picks_the_fastest_k_per_batch_size_and_zero_where_target_alone_wins():
+    tps = {0: {1: 75.0, 4: 260.0, 16: 460.0, 32: 520.0},
+           1: {1: 100.0, 4: 300.0, 16: 510.0, 32: 500.0},
+           2: {1: 135.0, 4: 340.0, 16: 505.0, 32: 480.0},
+           3: {1: 148.0, 4: 337.0, 16: 490.0, 32: 470.0}}
+    # log-midpoints: 1|4 -> 2, 4|16 -> 8, 16|32 -> 22
+    assert pick(tps) == [(1, 2, 3), (3, 8, 2), (9, 22, 1), (23, UNBOUNDED, 0)]
+    assert validate(pick(tps), "x") == pick(tps)  # vLLM's rules hold for what pick writes
+    tps[1][16] = 505.0  # a tie goes to the smaller k
+    assert pick(tps)[2] == (9, 22, 1)
+    # the same k on neighbouring sizes merges into one range
+    assert pick({0: {1: 1.0, 4: 1.0, 16: 1.0}, 1: {1: 2.0, 4: 3.0, 16: 3.0}}) == [(1, UNBOUNDED, 1)]
+    with pytest.raises(TandemError, match="target alone"):
+        pick({1: {1: 1.0}})
+    with pytest.raises(TandemError, match=r"\(2, 4\)"):
+        pick({0: {1: 1.0, 4: 1.0}, 2: {1: 2.0}})
+
+
+def test_schedule_speculative_config_and_row(tmp_path):
+    sched = [(1, 2, 3), (3, UNBOUNDED, 1)]
+    assert speculative_config("/d/t", sched) == {
+        "model": "/d/t", "num_speculative_tokens": 3, "num_speculative_tokens_per_batch_size": [[1, 2, 3], [3, UNBOUNDED, 1]],
+        "draft_sample_method": "probabilistic"}
+    assert speculative_config("/d/t", [(1, UNBOUNDED, 0)]) == {}  # nothing pays: serve the target alone
+    rows = rows_for(tandem="/d/t", baseline=None, k=3, fallback_batch_size=0, ngram=False, schedule=sched)
+    assert rows[-1].name == "Tandem+SPEED measured schedule (batch:k 1-2:3, 3-:1)"
+    assert rows[-1].speculative_config == speculative_config("/d/t", sched)
+    report = tmp_path / "s.json"
+    report.write_text(json.dumps({"schedule": [[1, 2, 3], [3, UNBOUNDED, 1]]}))
+    assert read(report) == sched
+
+
+@pytest.mark.parametrize("bad", [[[2, 4, 1]], [[1, 4, 1], [4, 8, 0]], [[1, 4, -1]], [[1, 4]], "x", []])
+def test_schedule_refuses_what_vllm_refuses(bad, tmp_path):
+    with pytest.raises(TandemError):
+        validate(bad, "--k-schedule")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(TandemError, match="cannot read a schedule"):
+        read(tmp_path / "bad.json")

@@ -32,6 +32,15 @@ def test_config_builds_the_vllm_serve_command_line():
     assert "--per-request-spec-decode-metrics" not in plain + off.vllm_cli(on_cpu=True)
 
 
+def test_a_measured_schedule_becomes_vllms_dynamic_k():
+    cfg = ServeConfig.parse({"model": "/m", "drafter": "/d", "speculation_schedule": [[1, 2, 3], [3, 100, 1], [101, 200, 0]]})
+    argv = cfg.vllm_cli(on_cpu=True)
+    spec = json.loads(argv[argv.index("--speculative-config") + 1])
+    assert spec["num_speculative_tokens"] == 3
+    assert spec["num_speculative_tokens_per_batch_size"] == [[1, 2, 3], [3, 100, 1], [101, 200, 0]]
+    assert "num_speculative_tokens_per_batch_size" not in ServeConfig.parse({"model": "/m", "drafter": "/d"}).speculation()
+
+
 @pytest.mark.parametrize(
     ("data", "fragment"),
     [
@@ -47,6 +56,9 @@ def test_config_builds_the_vllm_serve_command_line():
         ({"api_key_env": "not a name"}, "api_key_env"),
         ({"speculation_guards": {"max_ctx": 5}}, "unknown guard max_ctx"),
         ({"speculation_guards": {"min_acceptance": 3}}, "min_acceptance <= 1"),
+        ({"drafter": "/d", "speculation_schedule": [[2, 8, 1]]}, "must start at batch size 1"),
+        ({"drafter": "/d", "speculation_schedule": [[1, 8, 4]]}, "raise num_speculative_tokens (3) to 4"),
+        ({"speculative_config": {"model": "/d"}, "speculation_schedule": [[1, 8, 1]]}, "goes with drafter"),
     ],
 )
 def test_bad_config_is_one_readable_error(data, fragment):

@@ -36,22 +36,10 @@ def test_soft_ce_and_distil_hand_computed():
     torch.testing.assert_close(tv_distance(s, t), torch.tensor([[0.4]]))
 
 
-# ---- a tiny tokenizer + target built on the fly ------------------------------------------------
+# ---- the tiny tokenizer + target: conftest's train_workdir ------------------------------------
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    files = stdlib_files()[:40]
-    texts = list(read_sources(files))
-    tok = train_tokenizer(texts, 320, root / "tok")
-    (root / "data.txt").write_text("\n".join(texts)[:60_000])
-    torch.manual_seed(0)
-    target = LlamaForCausalLM(
-        LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id)
-    )
-    target.save_pretrained(root / "target")
-    tok.save_pretrained(root / "target")
-    return root
+def workdir(train_workdir):
+    return train_workdir
 
 
 def _args(root, kind, out, **kw):
