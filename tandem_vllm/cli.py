@@ -214,6 +214,21 @@ def _bench_schedule(a: argparse.Namespace) -> None:
     print("speculative_config:", json.dumps(bench.speculative_config(a.drafter, found)))
 
 
+def _bench_train(a: argparse.Namespace) -> None:
+    from tandem_vllm.bench import train as bench
+
+    train_argv = a.train_args[1:] if a.train_args[:1] == ["--"] else a.train_args
+    if not train_argv:
+        raise TandemError("give the training arguments after --, e.g. -- --kind tandem --target T --data D --steps 20")
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    rows = bench.run(train_argv, modes=modes, nproc=a.nproc, out=Path(a.out))
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps({"train_args": train_argv, "nproc": a.nproc, "rows": rows}, indent=2) + "\n")
+    table = bench.markdown(rows)
+    Path(a.json).with_suffix(".md").write_text(table)
+    print(table)
+
+
 def _bench_serve(a: argparse.Namespace) -> None:
     from tandem_vllm.bench import serve as bench
     from tandem_vllm.quality import read_prompts
@@ -443,6 +458,15 @@ def parser() -> argparse.ArgumentParser:
     bs.add_argument("--max-k", type=int, default=3, help="measure k = 1..max-k")
     bs.add_argument("--repeat", type=int, default=1, help="passes per cell; the median (by tokens/s) is reported")
     bs.set_defaults(func=_bench_schedule)
+
+    bt = b.add_parser("train", help="one training run under each launcher (one process, torchrun DDP / FSDP2, Ray Train)",
+                      epilog="Everything after `--` is the `tandem-vllm train` command line, without --out / --ray / --parallel.")
+    bt.add_argument("--modes", default="single,ddp,fsdp,ray", help="comma list of single, ddp, fsdp, ray")
+    bt.add_argument("--nproc", type=int, default=2, help="processes (torchrun) or workers (Ray Train)")
+    bt.add_argument("--out", required=True, help="directory for the runs (one sub-directory per mode)")
+    bt.add_argument("--json", required=True, help="report path; a .md table is written beside it")
+    bt.add_argument("train_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    bt.set_defaults(func=_bench_train)
 
     s = sub.add_parser("serve", help="serve on Ray Serve: OpenAI HTTP API + gRPC (no --model: the demo pair)",
                        epilog="Anything after `--` is passed to vLLM's own `vllm serve` parser.")

@@ -93,3 +93,10 @@ def qwen_target():
 @pytest.fixture(scope="session")
 def draft_lm():
     return tiny_llama(layers=1, hidden=32, seed=2)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The compatibility matrix rows this session ran -> results/compat/matrix.{json,md} (the README table)."""
+    from tests.integration import compat
+
+    compat.write()

@@ -193,9 +193,11 @@ def preflight(cfg: ServeConfig) -> None:
     make later, inside a replica that Serve would restart in a loop)."""
     from transformers import AutoConfig
 
+    from tandem_vllm.vllm_adapter import engine as vllm_engine
     from tandem_vllm.vllm_adapter.proposer_v1 import checked_tandem_config, local_tandem_dir
 
     cfg.check_paths()
+    vllm_engine.check_serve_args(cfg.vllm_cli(on_cpu=vllm_engine.on_cpu()))
     spec = cfg.speculation()
     drafter = local_tandem_dir(spec.get("model")) if spec else None
     if drafter is None:

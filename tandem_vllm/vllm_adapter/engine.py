@@ -16,6 +16,7 @@ from typing import Any
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.engine.exceptions import EngineDeadError
 
+from tandem_vllm.errors import TandemError
 from tandem_vllm.vllm_adapter.proposer_v1 import is_tandem_checkpoint
 
 __all__ = ["EngineDeadError", "VLLMValidationError", "async_engine", "offline_engine", "on_cpu", "openai_app",
@@ -36,6 +37,25 @@ def serve_args(argv: list[str]) -> argparse.Namespace:
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
     validate_parsed_serve_args(args)
     return args
+
+
+def check_serve_args(argv: list[str]) -> None:
+    """``serve_args`` in this process, its refusal as one TandemError: a flag vLLM's parser rejects
+    would otherwise end every replica with exit code 2 and Serve would restart it in a loop."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            serve_args(argv)
+    except SystemExit:
+        text = err.getvalue()
+        said = text.split("error:", 1)[1] if "error:" in text else text  # argparse: usage..., then "prog: error: ..."
+        kept = [ln.strip() for ln in said.splitlines() if ln.strip() and "errors.pydantic.dev" not in ln]
+        raise TandemError(f"vLLM refuses the engine arguments: {' '.join(kept)[:400]}") from None
+    except (ValueError, TypeError) as e:
+        raise TandemError(f"vLLM refuses the engine arguments: {e}") from None
 
 
 def serve_engine(args: argparse.Namespace, stat_loggers: list[Any] | None = None) -> Any:

@@ -346,3 +346,19 @@ def test_valid_chat_and_extra_roles_pass_through():
     assert _call(roomy, custom, path="/v1/chat/completions")[0] == 200
     # the completions route has no messages to check
     assert _call(app, json.dumps({"prompt": "x", "messages": "not checked"}).encode())[0] == 200
+
+
+def test_engine_flags_vllm_refuses_are_one_error_before_any_replica_starts(tmp_path):
+    """Without this a replica's vLLM parser exits with code 2 and Serve restarts it in a loop, and the
+    app's failure names no cause."""
+    from tandem_vllm.serve.app import preflight
+
+    (tmp_path / "config.json").write_text("{}")
+    for flags, said in ((["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+                        (["--structured-outputs-config", '{"disable_any_whitespace": true}'],
+                         "disable_any_whitespace is only supported for xgrammar and guidance")):
+        cfg = ServeConfig.parse({"model": str(tmp_path), "vllm_args": flags})
+        with pytest.raises(TandemError, match="vLLM refuses the engine arguments") as e:
+            preflight(cfg)
+        assert said in str(e.value) and "\n" not in str(e.value)
+    preflight(ServeConfig.parse({"model": str(tmp_path), "vllm_args": ["--enable-prefix-caching"]}))

@@ -1,0 +1,79 @@
+"""The compatibility rows that need other engine flags, through vLLM's own OpenAI server (the server a
+user runs without Ray) with the Tandem drafter: prefix caching off, and tensor parallel 2 (on these
+CPUs vLLM needs VLLM_CPU_OMP_THREADS_BIND="0|1" for 2 ranks). One server at a time, after the Serve
+app's module (two engines on 2 cores starve each other)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import openai
+import pytest
+import vllm  # noqa: F401  (required: a missing package fails the suite)
+
+from tandem_vllm.demo.build import build
+from tandem_vllm.serve.launch import free_port
+from tests.integration.compat import Row
+from tests.integration.test_compat_matrix import _completion_text, _same_greedy, both
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["def parse(line):\n", "class Stack:\n    def push(self, x):\n", "for path in paths:\n"]
+
+
+def _server(extra: list[str], log_path, env: dict[str, str] | None = None):
+    demo = build("ci", progress=False)
+    port = free_port()
+    spec = {"model": demo["tandem"], "num_speculative_tokens": 3}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", demo["target"], "--port", str(port),
+           "--host", "127.0.0.1", "--served-model-name", "m", "--dtype", "float32", "--max-model-len", "1024",
+           "--kv-cache-memory-bytes", str(256 * 2**20), "--speculative-config", json.dumps(spec),
+           "--per-request-spec-decode-metrics", "summary", "--disable-uvicorn-access-log", *extra]
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    deadline = time.monotonic() + 600
+    while True:
+        assert p.poll() is None, f"vLLM's server exited ({p.returncode}) with {extra}: {log_path.read_text()[-2000:]}"
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "vLLM's server did not start in 600 s"
+            time.sleep(2)
+    return p, openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=180)
+
+
+def _stop(p) -> None:
+    os.killpg(p.pid, signal.SIGTERM)
+    try:
+        p.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+@pytest.mark.parametrize(("name", "extra", "env"), [
+    ("prefix caching off", ["--no-enable-prefix-caching"], None),
+    ("tensor parallel 2", ["--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"],
+     {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}),
+])
+def test_vllm_server_row(name, extra, env, tmp_path):
+    p, client = _server(extra, tmp_path / "server.log", env)
+    try:
+        with Row(name) as row:
+            drafted = 0
+            for prompt in PROMPTS:
+                on, off = both(client.completions.create, model="m", prompt=prompt, max_tokens=24, temperature=0,
+                               extra_body={"ignore_eos": True})
+                _same_greedy(row, on, off, texts=_completion_text)
+                drafted += int(on.model_extra["metrics"]["speculative_decoding"]["num_draft_tokens"])
+            row.notes = f"{len(PROMPTS)} prompts, {drafted} tokens drafted; greedy output identical to speculation off"
+    finally:
+        _stop(p)
