@@ -244,11 +244,14 @@ def _bench_serve(a: argparse.Namespace) -> None:
     compare = a.compare_engine if a.compare_engine is not None else a.url is None
     cells = bench.run(url=a.url, config=config, prompts=prompts, concurrencies=a.concurrency, max_tokens=a.max_tokens,
                       model=a.model, compare_engine=compare, repeat=a.repeat, client_kind=a.client,
-                      step_times=a.step_times)
+                      step_times=a.step_times, vllm_server=a.vllm_server, rounds=a.rounds)
     meta = {"url": a.url or "started by the benchmark", "config": config.model_dump(exclude_none=True),
-            "prompts": len(prompts), "max_tokens": a.max_tokens, "repeat": a.repeat, "client": a.client}
+            "prompts": len(prompts), "max_tokens": a.max_tokens, "repeat": a.repeat, "client": a.client,
+            "vllm_server": a.vllm_server, "rounds": a.rounds}
     bench.write_json(cells, Path(a.json), meta)
     table = bench.markdown(cells)
+    table += ("\nWhere the machine's CPU went (CPU ms per generated token by group of processes, reported pass; "
+              "the last column is the machine's core time per token):\n\n" + bench.cpu_markdown(cells))
     if a.step_times:
         table += _step_report([(c.path, c.concurrency, c.steps) for c in cells], a.plot, ("path", "concurrency"),
                               "Where the engine's steps' time goes")
@@ -449,15 +452,15 @@ def parser() -> argparse.ArgumentParser:
                          "and add a table of where each step's time went")
     be.set_defaults(func=_bench_engine)
 
-    bs = b.add_parser("schedule", help="measure how many tokens to draft at each batch size (vLLM's dynamic-K schedule)",
+    bsc = b.add_parser("schedule", help="measure how many tokens to draft at each batch size (vLLM's dynamic-K schedule)",
                       description="Target alone and the drafter at k = 1..--max-k, every batch size, one run; writes "
                                   "the fastest k per batch size as vLLM's num_speculative_tokens_per_batch_size.")
-    bs.add_argument("--target", required=True)
-    bs.add_argument("--drafter", required=True, help="drafter directory (Tandem or standalone)")
-    _engine_flags(bs, batch_sizes=[1, 2, 4, 8, 16, 32])
-    bs.add_argument("--max-k", type=int, default=3, help="measure k = 1..max-k")
-    bs.add_argument("--repeat", type=int, default=1, help="passes per cell; the median (by tokens/s) is reported")
-    bs.set_defaults(func=_bench_schedule)
+    bsc.add_argument("--target", required=True)
+    bsc.add_argument("--drafter", required=True, help="drafter directory (Tandem or standalone)")
+    _engine_flags(bsc, batch_sizes=[1, 2, 4, 8, 16, 32])
+    bsc.add_argument("--max-k", type=int, default=3, help="measure k = 1..max-k")
+    bsc.add_argument("--repeat", type=int, default=1, help="passes per cell; the median (by tokens/s) is reported")
+    bsc.set_defaults(func=_bench_schedule)
 
     bt = b.add_parser("train", help="one training run under each launcher (one process, torchrun DDP / FSDP2, Ray Train)",
                       epilog="Everything after `--` is the `tandem-vllm train` command line, without --out / --ray / --parallel.")
@@ -514,6 +517,10 @@ def parser() -> argparse.ArgumentParser:
     bs.add_argument("--api-key")
     bs.add_argument("--compare-engine", action=argparse.BooleanOptionalAction, default=None,
                     help="also run the bare engine (default: when the benchmark started the app)")
+    bs.add_argument("--vllm-server", action="store_true",
+                    help="also vLLM's own OpenAI server (python -m vllm.entrypoints.openai.api_server) with the same "
+                         "engine flags, after the app; with --rounds N the two alternate N times (A B A B)")
+    bs.add_argument("--rounds", type=int, default=1, help="start and measure the app (and vLLM's server) this many times")
     bs.add_argument("--step-times", metavar="DIR",
                     help="record the engines' steps (the app's when the benchmark starts it, and the bare engine's) "
                          "into DIR and add a table of where each step's time went")

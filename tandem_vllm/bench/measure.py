@@ -8,6 +8,7 @@ equal share of the gap since the previous chunk as its inter-token latency.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -67,3 +68,51 @@ def latency_summary(results: list[Streamed], seconds: float) -> dict[str, float]
         "itl_ms_p50": round(float(np.percentile(itl, 50)), 2) if itl.size else 0.0,
         "itl_ms_p95": round(float(np.percentile(itl, 95)), 2) if itl.size else 0.0,
     }
+
+
+# ---- where the machine's CPU went during a pass: every process of this machine, grouped by role ----
+CPU_GROUPS = ("benchmark client", "Serve replica (HTTP + engine frontend)", "vLLM API server (HTTP + engine frontend)",
+              "vLLM engine core", "vLLM worker", "Ray daemons", "Serve controller", "Serve proxy", "other")
+
+
+def _cpu_group(pid: int, name: str, cmdline: list[str]) -> str:
+    line = " ".join(cmdline)
+    if pid == os.getpid():
+        return "benchmark client"
+    if "ServeReplica" in line:
+        return "Serve replica (HTTP + engine frontend)"
+    if "vllm.entrypoints.openai.api_server" in line:
+        return "vLLM API server (HTTP + engine frontend)"
+    if "EngineCore" in line or "EngineCore" in name:
+        return "vLLM engine core"
+    if "VLLM::Worker" in line or "VllmWorker" in line:
+        return "vLLM worker"
+    if "ServeController" in line:
+        return "Serve controller"
+    if "ProxyActor" in line:
+        return "Serve proxy"
+    if name in ("raylet", "gcs_server") or any(s in line for s in ("ray/dashboard", "log_monitor", "ray::", "raylet",
+                                                                  "runtime_env/agent", "ray/_private")):
+        return "Ray daemons"
+    return "other"
+
+
+def cpu_snapshot() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) used so far by every process we can read, with its group."""
+    import psutil
+
+    out = {}
+    for p in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+        t = p.info.get("cpu_times")
+        if t is None:
+            continue
+        out[p.pid] = (_cpu_group(p.pid, p.info.get("name") or "", p.info.get("cmdline") or []), t.user + t.system)
+    return out
+
+
+def cpu_by_group(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds each group used between two snapshots (a process started in between counts whole)."""
+    used = dict.fromkeys(CPU_GROUPS, 0.0)
+    for pid, (group, cpu) in after.items():
+        used[group] += max(0.0, cpu - before.get(pid, (group, 0.0))[1])
+    return {g: round(v, 3) for g, v in used.items() if v > 0}

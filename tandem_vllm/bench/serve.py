@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,7 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from tandem_vllm.bench import steps
-from tandem_vllm.bench.measure import Streamed, closed_loop, latency_summary, measure
+from tandem_vllm.bench.measure import (
+    CPU_GROUPS,
+    Streamed,
+    closed_loop,
+    cpu_by_group,
+    cpu_snapshot,
+    latency_summary,
+    measure,
+)
 from tandem_vllm.errors import TandemError
 from tandem_vllm.progress import progress_bar
 from tandem_vllm.serve.config import ServeConfig
@@ -42,8 +51,10 @@ class Cell:
     itl_ms_p50: float
     itl_ms_p95: float
     overhead: float | None = None  # serve only: 1 - serve tokens/s / bare-engine tokens/s
+    vs_vllm_server: float | None = None  # serve only: its tokens/s / vLLM's own server's (mean over rounds)
     window: tuple[float, float] = (0.0, 0.0)  # wall clock (time.time()) of the reported pass
     steps: dict[str, float] | None = None  # where the engine's steps' time went (--step-times)
+    cpu_s: dict[str, float] | None = None  # CPU seconds each group of processes used in the reported pass
 
 
 async def _http_stream(client: Any, model: str, prompt: str, max_tokens: int) -> AsyncIterator[list[int]]:
@@ -86,13 +97,15 @@ def _cell(path: str, concurrency: int, raw: list[Any], seconds: float) -> Cell:
 
 
 async def _median_cell(path: str, one: Any, prompts: list[str], concurrency: int, repeat: int) -> Cell:
-    """The median (by tokens/s) of `repeat` closed-loop passes."""
+    """The median (by tokens/s) of `repeat` closed-loop passes, each with the CPU every group of the
+    machine's processes used during it."""
     cells = []
     for _ in range(repeat):
-        start = time.time()
+        start, cpu = time.time(), cpu_snapshot()
         raw, seconds = await closed_loop(one, prompts, concurrency)
         cells.append(_cell(path, concurrency, raw, seconds))
         cells[-1].window = (start, time.time())
+        cells[-1].cpu_s = cpu_by_group(cpu, cpu_snapshot())
     return sorted(cells, key=lambda c: c.tokens_per_s)[len(cells) // 2]
 
 
@@ -144,40 +157,85 @@ async def bench_engine(cfg: ServeConfig, prompts: list[str], concurrencies: list
         engine.shutdown()
 
 
+async def _bench_vllm_server(cfg: ServeConfig, prompts: list[str], concurrencies: list[int], max_tokens: int,
+                             repeat: int, client_kind: str, log_dir: Path) -> list[Cell]:
+    """vLLM's own OpenAI server with the same `vllm serve` flags the app's replicas use."""
+    from tandem_vllm.serve.launch import free_port
+    from tandem_vllm.vllm_adapter import engine as vllm_engine
+
+    port = free_port()
+    proc = vllm_engine.start_api_server(cfg.vllm_cli(on_cpu=vllm_engine.on_cpu()), host="127.0.0.1", port=port,
+                                        log_path=log_dir / "vllm-server.log")
+    try:
+        cells = await bench_http(f"http://127.0.0.1:{port}", prompts, concurrencies, max_tokens, cfg.api_key,
+                                 cfg.served_model_name, repeat, client_kind)
+    finally:
+        vllm_engine.stop_api_server(proc)
+    for c in cells:
+        c.path = "vLLM's own server (HTTP)"
+    return cells
+
+
 def run(*, url: str | None, config: ServeConfig, prompts: list[str], concurrencies: list[int], max_tokens: int,
         model: str | None, compare_engine: bool, repeat: int = 1, client_kind: str = "openai",
-        step_times: str | None = None) -> list[Cell]:
+        step_times: str | None = None, vllm_server: bool = False, rounds: int = 1) -> list[Cell]:
     """Serve cells (starting and stopping the app when no url is given), then bare-engine cells.
-    ``step_times``: a directory for the engines' step records (bench/steps.py) -- the app's when the
-    benchmark starts it, the bare engine's -- summarised per cell."""
+    ``vllm_server``: vLLM's own OpenAI server with the same flags, alternated with the app ``rounds``
+    times (app, vLLM, app, vLLM, ...; one server up at a time). ``step_times``: a directory for the
+    engines' step records (bench/steps.py) -- the app's when the benchmark starts it, the bare
+    engine's -- summarised per cell."""
     if not prompts:
         raise TandemError('the prompts file is empty; pass a JSONL file with one {"prompt": ...} per line')
+    if (vllm_server or rounds > 1) and url is not None:
+        raise TandemError("--vllm-server / --rounds alternate vLLM's own server with the app this benchmark starts; "
+                          "drop --url")
+    import tempfile
+
     from tandem_vllm.serve.launch import free_port, start, stop
 
     cfg = config.resolved()
-    bar = progress_bar(total=2 if compare_engine else 1, desc="bench serve", unit="path")
+    bar = progress_bar(total=rounds * (1 + vllm_server) + compare_engine, desc="bench serve", unit="server")
     owned = url is None
+    cells: list[Cell] = []
+    logs = Path(tempfile.mkdtemp(prefix="tandem-bench-serve-"))
     with steps.recording(step_times):
-        if owned:
-            url = start(cfg, host="127.0.0.1", port=free_port(), grpc_port=free_port(), timeout_s=900).http
-        assert url is not None
-        try:
-            cells = asyncio.run(bench_http(url, prompts, concurrencies, max_tokens, cfg.api_key, model, repeat,
-                                           client_kind))
-        finally:
+        for r in range(rounds):
+            here = url
             if owned:
-                stop()
-        bar.update(1)
+                here = start(cfg, host="127.0.0.1", port=free_port(), grpc_port=free_port(), timeout_s=900).http
+            assert here is not None
+            try:
+                app = asyncio.run(bench_http(here, prompts, concurrencies, max_tokens, cfg.api_key, model, repeat,
+                                             client_kind))
+            finally:
+                if owned:
+                    stop()
+            bar.update(1)
+            mine = app
+            if vllm_server:
+                gc.collect()
+                mine = app + asyncio.run(_bench_vllm_server(cfg, prompts, concurrencies, max_tokens, repeat,
+                                                            client_kind, logs))
+                bar.update(1)
+            if rounds > 1:
+                for c in mine:
+                    c.path += f", round {r + 1}"
+            cells += mine
         if compare_engine:
             gc.collect()
             bare = asyncio.run(bench_engine(cfg, prompts, concurrencies, max_tokens, repeat))
             by_c = {c.concurrency: c for c in bare}
             for c in cells:
-                if by_c[c.concurrency].tokens_per_s:
+                if c.path.startswith("serve") and by_c[c.concurrency].tokens_per_s:
                     c.overhead = round(1 - c.tokens_per_s / by_c[c.concurrency].tokens_per_s, 4)
             cells += bare
             bar.update(1)
     bar.close()
+    if vllm_server:
+        for c in cells:
+            theirs = [v.tokens_per_s for v in cells if v.path.startswith("vLLM") and v.concurrency == c.concurrency]
+            if c.path.startswith("serve") and theirs:
+                c.vs_vllm_server = round(c.tokens_per_s / (sum(theirs) / len(theirs)), 3)
     if step_times:
         for c, summary in zip(cells, steps.per_window(step_times, [c.window for c in cells])):
             c.steps = summary
@@ -186,11 +244,26 @@ def run(*, url: str | None, config: ServeConfig, prompts: list[str], concurrenci
 
 def markdown(cells: list[Cell]) -> str:
     head = ("| path | concurrency | requests | errors | tokens/s | TTFT mean ms | TTFT p50 ms | ITL p50 ms | "
-            "ITL p95 ms | overhead vs engine |\n|---|---|---|---|---|---|---|---|---|---|\n")
+            "ITL p95 ms | overhead vs engine | × vLLM's server |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = [f"| {c.path} | {c.concurrency} | {c.requests} | {c.errors} | {c.tokens_per_s:.1f} | "
              f"{c.ttft_ms_mean:.0f} | {c.ttft_ms_p50:.0f} | {c.itl_ms_p50:.1f} | {c.itl_ms_p95:.1f} | "
-             f"{'—' if c.overhead is None else f'{c.overhead:+.1%}'} |" for c in cells]
+             f"{'—' if c.overhead is None else f'{c.overhead:+.1%}'} | "
+             f"{'—' if c.vs_vllm_server is None else f'{c.vs_vllm_server:.2f}×'} |" for c in cells]
     return head + "\n".join(lines) + "\n"
+
+
+def cpu_markdown(cells: list[Cell]) -> str:
+    """CPU milliseconds per generated token, by group of processes, in each cell's reported pass."""
+    groups = [g for g in CPU_GROUPS if any((c.cpu_s or {}).get(g) for c in cells)]
+    cores = os.cpu_count() or 1
+    head = ("| path | concurrency | " + " | ".join(groups) + f" | all | wall ms/token × {cores} cores |\n|---|---|"
+            + "---|" * (len(groups) + 2) + "\n")
+    rows = []
+    for c in cells:
+        per = {g: 1e3 * (c.cpu_s or {}).get(g, 0.0) / max(c.tokens, 1) for g in groups}
+        rows.append(f"| {c.path} | {c.concurrency} | " + " | ".join(f"{per[g]:.2f}" for g in groups)
+                    + f" | {sum(per.values()):.2f} | {1e3 * cores * c.seconds / max(c.tokens, 1):.2f} |")
+    return head + "\n".join(rows) + "\n"
 
 
 def write_json(cells: list[Cell], path: Path, meta: dict[str, Any]) -> None:

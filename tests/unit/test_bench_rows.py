@@ -70,3 +70,20 @@ def test_schedule_refuses_what_vllm_refuses(bad, tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(TandemError, match="cannot read a schedule"):
         read(tmp_path / "bad.json")
+
+
+def test_cpu_accounting_groups_processes_by_role_and_counts_new_ones_whole():
+    import os
+
+    from tandem_vllm.bench.measure import _cpu_group, cpu_by_group
+
+    assert _cpu_group(os.getpid(), "python", []) == "benchmark client"
+    assert _cpu_group(1, "ray::ServeReplica", ["ray::ServeReplica:tandem:TandemServer"]).startswith("Serve replica")
+    assert _cpu_group(1, "python", ["python", "-m", "vllm.entrypoints.openai.api_server"]).startswith("vLLM API server")
+    assert _cpu_group(1, "VLLM::EngineCore", ["VLLM::EngineCore"]) == "vLLM engine core"
+    assert _cpu_group(1, "raylet", ["/x/raylet", "--node"]) == "Ray daemons"
+    assert _cpu_group(1, "ray::ProxyActor", ["ray::ProxyActor"]) == "Serve proxy"
+    assert _cpu_group(1, "ray::ServeController", ["ray::ServeController"]) == "Serve controller"
+    before = {1: ("vLLM engine core", 10.0), 2: ("Ray daemons", 1.0)}
+    after = {1: ("vLLM engine core", 12.5), 2: ("Ray daemons", 1.0), 3: ("other", 0.25)}
+    assert cpu_by_group(before, after) == {"vLLM engine core": 2.5, "other": 0.25}
