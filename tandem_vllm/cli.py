@@ -104,7 +104,8 @@ def _gen_data(a: argparse.Namespace) -> None:
     if a.ray is not None:
         import ray
 
-        ray.init(address=a.ray or None)
+        if not ray.is_initialized():
+            ray.init(address=a.ray or None)
         done = gen_data.run_on_ray(settings, engines=a.engines, num_gpus_per_engine=a.num_gpus_per_engine)
     else:
         done = gen_data.generate(settings)

@@ -38,14 +38,25 @@ def train_on_ray(args: TrainArgs, *, address: str, workers: int, use_gpu: bool =
                           f"(--batch-size >= {workers})")
     try:
         import ray
-        from ray.train import RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
+        import ray.train.torch  # Ray Train present: fail here, before Ray starts
     except ImportError as e:
         raise TandemError(f"--ray needs Ray Train ({e.name} is missing): pip install 'ray[train]'") from None
     out = args.out.resolve()
     args = dataclasses.replace(args, out=out)
-    if not ray.is_initialized():
+    owned = not ray.is_initialized()
+    if owned:
         ray.init(address=address or None)
+    try:
+        return _fit(args, out, workers, use_gpu)
+    finally:
+        if owned:  # a Ray this call started ends with it (a driver's later ray.init must not find it)
+            ray.shutdown()
+
+
+def _fit(args: TrainArgs, out: Any, workers: int, use_gpu: bool) -> dict[str, Any]:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"args": args, "use_gpu": use_gpu},

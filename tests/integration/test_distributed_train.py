@@ -149,7 +149,10 @@ def test_distributed_a_dead_worker_ends_the_job_and_one_process_resumes_it(train
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode != 0, out[-2000:]
     assert not (a.out / "train_summary.json").exists()
-    assert "rank 0: training failed" in out and "resumes it with --resume, on any number of processes" in out, out[-3000:]
+    # the survivor names itself and the checkpoint when its collective fails first; when torchrun's agent
+    # stops it first, torchrun's own summary names the dead rank and its signal
+    ours = "rank 0: training failed" in out and "resumes it with --resume, on any number of processes" in out
+    assert ours or ("rank      : 1" in out and "SIGKILL" in out), out[-3000:]
     done = int(latest.read_text().strip().split("-")[1])
     assert 2 <= done < steps, done
     res = train(_args(train_workdir, "dist-killed", steps=steps, save_every=2, eval_every=steps, resume=True))
