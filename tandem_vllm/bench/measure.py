@@ -72,7 +72,8 @@ def latency_summary(results: list[Streamed], seconds: float) -> dict[str, float]
 
 # ---- where the machine's CPU went during a pass: every process of this machine, grouped by role ----
 CPU_GROUPS = ("benchmark client", "Serve replica (HTTP + engine frontend)", "vLLM API server (HTTP + engine frontend)",
-              "vLLM engine core", "vLLM worker", "Ray daemons", "Serve controller", "Serve proxy", "other")
+              "vLLM engine core", "vLLM worker", "Ray daemons", "Serve controller", "Serve proxy", "HAProxy (Serve ingress)",
+              "other")
 
 
 def _cpu_group(pid: int, name: str, cmdline: list[str]) -> str:
@@ -91,6 +92,8 @@ def _cpu_group(pid: int, name: str, cmdline: list[str]) -> str:
         return "Serve controller"
     if "ProxyActor" in line:
         return "Serve proxy"
+    if name == "haproxy":
+        return "HAProxy (Serve ingress)"
     if name in ("raylet", "gcs_server") or any(s in line for s in ("ray/dashboard", "log_monitor", "ray::", "raylet",
                                                                   "runtime_env/agent", "ray/_private")):
         return "Ray daemons"

@@ -232,6 +232,7 @@ def test_cpu_demo_builds_the_demo_pair_in_every_pod_and_runs_on_the_head(chart):
     cache = {e["name"]: e.get("value") for e in init["env"]}["TANDEM_VLLM_CACHE"]
     env = {e["name"]: e for e in containers(rs)["ray-head"]["env"]}
     assert env["TANDEM_VLLM_CACHE"]["value"] == cache and cache.startswith("/models/")
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "0"  # Serve's proxy unless serve.haproxy
     assert env["TANDEM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "llm-tandem-vllm-api-key", "key": "api-key"}
     secret = one(docs, "Secret")
     assert base64.b64decode(secret["data"]["api-key"]).decode() == "demo-key"
@@ -385,3 +386,9 @@ def _deep_merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def test_haproxy_ingress_is_one_value(chart):
+    rs = one(manifests(chart, _deep_merge(MINIMAL, {"serve": {"haproxy": True}})), "RayService")
+    for container in containers(rs).values():
+        assert {e["name"]: e.get("value") for e in container["env"]}["RAY_SERVE_ENABLE_HA_PROXY"] == "1"

@@ -158,6 +158,8 @@ applications:
 {{- define "tandem-vllm.env" -}}
 - name: RAY_SERVE_ENABLE_DIRECT_INGRESS
   value: {{ ternary "1" "0" .Values.serve.directIngress | quote }}
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: {{ ternary "1" "0" .Values.serve.haproxy | quote }}
 {{- if .Values.model.demo }}
 - name: TANDEM_VLLM_CACHE
   value: {{ include "tandem-vllm.demoCache" . | quote }}
