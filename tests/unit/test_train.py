@@ -322,3 +322,15 @@ def test_eagle3_incremental_drafting_equals_the_training_form():
     for s in (1, 2):  # teacher-forced tokens, as in training
         logits, state = d.step(tokens[0, anchor + s + 1], state, anchor + s, own)
         torch.testing.assert_close(logits, steps[s][0, anchor])
+
+
+def test_a_target_that_does_not_fit_is_one_line(workdir, monkeypatch):
+    import tandem_vllm.train.trainer as trainer
+
+    def out_of_memory(*a, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
+
+    monkeypatch.setattr(trainer, "load_causal_lm", out_of_memory)
+    with pytest.raises(TandemError, match="does not fit on cpu beside the drafter; use --parallel fsdp") as e:
+        train(_args(workdir, "tandem", "oom", device="cpu"))
+    assert "\n" not in str(e.value)
