@@ -94,6 +94,15 @@ def all_sum(world: World, value: float, device: torch.device) -> float:
     return float(t.item())
 
 
+def weigh(world: World, loss: torch.Tensor, mask: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A rank's masked-mean loss -> its share of the global batch's mean, times the world size (DDP and
+    FSDP2 average the ranks' gradients); one process's loss as it is."""
+    if not world.distributed:
+        return loss
+    local = float(mask.sum().item())
+    return loss * (local / max(all_sum(world, local, device), 1.0) * world.size)
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

@@ -128,10 +128,6 @@ def _eagle3(args: TrainArgs, teacher: LoadedLM) -> Eagle3Head:
 Weigh = Callable[[Tensor, Tensor], Tensor]  # (a masked-mean loss, its mask) -> its share of the global batch's
 
 
-def _same(loss: Tensor, mask: Tensor) -> Tensor:
-    return loss
-
-
 class Objective(torch.nn.Module):
     """The student's forward beside the frozen target's, as one module: what DDP and FSDP2 wrap.
 
@@ -328,12 +324,8 @@ def _train(args: TrainArgs, world: distributed.World, stop_after: int | None) ->
     log = (args.out / "train_log.jsonl").open("a") if world.main else None
     bar = progress_bar(total=args.steps, initial=start, desc=f"train {args.kind}", disable=not (args.progress and world.main),
                        unit="step")
-    weigh = _same
-    if world.distributed:
-        def weigh(loss: Tensor, mask: Tensor) -> Tensor:
-            """local masked mean -> its share of the global one, times the world (DDP / FSDP2 average)."""
-            local = float(mask.sum().item())
-            return loss * (local / max(distributed.all_sum(world, local, device), 1.0) * world.size)
+    def weigh(loss: Tensor, mask: Tensor) -> Tensor:
+        return distributed.weigh(world, loss, mask, device)
 
     clock = _Clock(device)
     metrics: dict[str, float] = {}
@@ -500,8 +492,8 @@ def _prepare_run_dir(args: TrainArgs, world: distributed.World, ckpts: Path, cor
 
     ck = ckpts / latest.read_text().strip()
     state = torch.load(ck / "trainer.pt", weights_only=False)
-    weights = load_file(str(ck / "student.safetensors"))
     if state.get("format", 1) >= 2:
+        weights = load_file(str(ck / "student.safetensors"))
         distributed.load_full_state(core, opt, {f"student.{k}": v for k, v in weights.items()}, state["optimizer"])
     else:  # a single-process checkpoint of format 1
         from safetensors.torch import load_model
