@@ -63,7 +63,7 @@ def _eval(a: argparse.Namespace) -> None:
         extra[name] = path
     report = quality_report(target_dir=a.target, drafter_dir=a.drafter, baseline_dir=a.baseline, prompts_file=a.prompts,
                             gammas=tuple(a.gammas), max_new_tokens=a.max_new_tokens, max_prompts=a.max_prompts,
-                            block=a.block, ngram=not a.no_ngram, eagle3_dir=a.eagle3, extra=extra)
+                            block=a.block, ngram=not a.no_ngram, eagle3_dir=a.eagle3, extra=extra, device=a.device)
     stem = Path(a.json).with_suffix("")
     write_report(report, a.json, a.markdown or f"{stem}.md", a.plot or f"{stem}.png")
     print(markdown(report))
@@ -93,7 +93,7 @@ def gen_settings(a: argparse.Namespace) -> Any:
     return gen_data.GenSettings(
         target=a.target, out=a.out, corpus=tuple(a.corpus or ()), prompts=a.prompts, num_prompts=a.num_prompts,
         prompt_tokens=(lo or hi, hi), temperatures=tuple(a.temperatures), top_p=a.top_p, max_tokens=a.max_tokens,
-        shard_size=a.shard_size, seed=a.seed, engine_args=engine_args,
+        shard_size=a.shard_size, seed=a.seed, engine_args=engine_args, backend=a.backend,
     )
 
 
@@ -361,7 +361,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--use-gpu", action="store_true", help="--ray: one GPU per worker")
     t.set_defaults(func=_train)
 
-    gd = sub.add_parser("gen-data", help="training data from the target itself: its continuations of prompts, via vLLM",
+    gd = sub.add_parser("gen-data", help="training data from the target itself: its continuations of prompts",
                         description="Writes JSONL shards of token ids (prompt + the target's completion, per temperature) "
                                     "and a manifest naming the target; rerun the same command to resume.")
     gd.add_argument("--target", type=Path, required=True, help="the target model directory")
@@ -377,6 +377,9 @@ def parser() -> argparse.ArgumentParser:
     gd.add_argument("--shard-size", type=int, default=256, help="prompts per shard")
     gd.add_argument("--seed", type=int, default=0)
     gd.add_argument("--engine-args", default="{}", help='extra vllm.LLM arguments as JSON, e.g. \'{"dtype": "bfloat16"}\'')
+    gd.add_argument("--backend", choices=("auto", "vllm", "torch"), default="auto",
+                    help="vllm: vLLM's offline engine; torch: the reference decoder (no vLLM needed, CUDA when "
+                         "present); auto: vllm where it is installed")
     gd.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                     help="run on a Ray cluster with ray.data (no ADDRESS: a local Ray); --out must be shared storage")
     gd.add_argument("--engines", type=int, default=1, help="--ray: vLLM engines (actors)")
@@ -416,6 +419,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--block", type=int, default=3, help="the serving k: teacher-forced blocks and agreement by block position")
     e.add_argument("--no-ngram", action="store_true", help="leave out the n-gram prompt-lookup rows")
     e.add_argument("--extra", nargs="+", metavar="NAME=DIR", help="more drafters (Tandem or standalone) to report beside")
+    e.add_argument("--device", default="cpu", help="where the reference decoders run: cpu, cuda, cuda:N or auto")
     e.set_defaults(func=_eval)
 
     g = sub.add_parser("generate", help="decode prompts with the reference Tandem decoders")

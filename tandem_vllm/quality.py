@@ -73,8 +73,9 @@ def teacher_forced(
     sums = dict.fromkeys(METRICS, 0.0)
     by_pos: dict[int, list[float]] = {}
     n = 0
+    device = next(target.parameters()).device
     for i, seq in enumerate(seqs):
-        x = torch.tensor([seq])
+        x = torch.tensor([seq], device=device)
         inp, lab = x[:, :-1], x[:, 1:]
         t_out = target(input_ids=inp, output_hidden_states=isinstance(drafter, (TandemDrafter, Eagle3Head)))
         logits = t_out.logits if drafter is None else _drafter_logits(t_out, drafter, inp, block)
@@ -131,22 +132,26 @@ def quality_report(
     ngram: bool = True,
     eagle3_dir: str | Path | None = None,
     extra: dict[str, str | Path] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """``block``: the serving k the block-position agreement is measured at. ``eagle3_dir``: an EAGLE-3
     head (``train --kind eagle3``). ``extra``: more drafters (Tandem, EAGLE-3 or standalone) by name,
     e.g. variants of one recipe, reported beside the others."""
-    target = load_causal_lm(target_dir)
+    from tandem_vllm.train.trainer import resolve_device
+
+    dev = str(resolve_device(device))
+    target = load_causal_lm(target_dir, device=dev)
     drafters: dict[str, Any] = {}
     if baseline_dir:
-        drafters["baseline"] = load_baseline_for(target, baseline_dir).model
-    drafters["tandem"] = load_tandem_for(target, drafter_dir)
+        drafters["baseline"] = load_baseline_for(target, baseline_dir, device=dev).model
+    drafters["tandem"] = load_tandem_for(target, drafter_dir, device=dev)
     if eagle3_dir:
-        drafters["eagle3"] = load_eagle3_for(target, eagle3_dir)
+        drafters["eagle3"] = load_eagle3_for(target, eagle3_dir).to(dev)
     for name, path in (extra or {}).items():
         arch = json.loads((Path(path) / "config.json").read_text()).get("architectures", [])
-        drafters[name] = (load_tandem_for(target, path) if "TandemDrafterForCausalLM" in arch
-                          else load_eagle3_for(target, path) if EAGLE3_ARCH in arch
-                          else load_baseline_for(target, path).model)
+        drafters[name] = (load_tandem_for(target, path, device=dev) if "TandemDrafterForCausalLM" in arch
+                          else load_eagle3_for(target, path).to(dev) if EAGLE3_ARCH in arch
+                          else load_baseline_for(target, path, device=dev).model)
     prompts = read_prompts(prompts_file)[:max_prompts]
     tok = target.tokenizer
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]

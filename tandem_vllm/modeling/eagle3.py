@@ -262,7 +262,7 @@ class Eagle3Drafter:
         past = 0 if self.k0 is None else self.k0.shape[1]
         self.k0 = k if self.k0 is None else torch.cat([self.k0, k], dim=1)
         self.v0 = v if self.v0 is None else torch.cat([self.v0, v], dim=1)
-        mask = torch.ones(n, past + n, dtype=torch.bool).tril(past)
+        mask = torch.ones(n, past + n, dtype=torch.bool, device=k.device).tril(past)
         logits, out = self._attend(q, self.k0, self.v0, mask, state)
         return logits[-1], out[-1]
 
@@ -271,9 +271,10 @@ class Eagle3Drafter:
         """One draft step at ``position`` from the previous step's state; ``own`` collects this
         block's draft-step keys/values (discarded when the block is verified)."""
         assert self.k0 is not None and self.v0 is not None
-        q, k, v, _ = self._entries(token[None], state[None], torch.tensor([position]))
+        q, k, v, _ = self._entries(token[None], state[None], torch.tensor([position], device=state.device))
         own.append((k, v))
         keys = torch.cat([self.k0] + [kk for kk, _ in own], dim=1)
         values = torch.cat([self.v0] + [vv for _, vv in own], dim=1)
-        logits, out = self._attend(q, keys, values, torch.ones(1, keys.shape[1], dtype=torch.bool), state[None])
+        logits, out = self._attend(q, keys, values, torch.ones(1, keys.shape[1], dtype=torch.bool, device=keys.device),
+                                   state[None])
         return logits[0], out[0]

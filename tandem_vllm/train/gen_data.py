@@ -4,8 +4,10 @@ A drafter is accepted where it predicts the target's *own* continuations, which 
 text (a small target's greedy output loops; a sampled one drifts), so drafter pipelines (the
 speculators library, SGLang's SpecForge) train on responses the target regenerated. This command
 takes prompts -- windows cut from the training corpus, or a user's JSONL of prompts / chat
-messages -- lets the target continue each one with vLLM's offline engine in every configured
-sampling mode (temperature 0 = greedy), and writes JSONL shards of token ids:
+messages -- lets the target continue each one in every configured sampling mode (temperature 0 =
+greedy) and writes JSONL shards of token ids. The target runs in vLLM's offline engine, or, where vLLM
+is not installed (a training machine with PyTorch alone), in the project's reference decoder
+(``backend="torch"``: batched, KV-cached, float32, on CUDA when there is one):
 
     OUT/manifest.json       settings + the target's identity (a rerun with other settings is refused)
     OUT/shard-00000.jsonl   {"prompt_ids": [...], "completion_ids": [...], "temperature": 0.0, ...}
@@ -26,7 +28,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -53,6 +55,7 @@ class GenSettings:
     shard_size: int = 256  # prompts per shard
     seed: int = 0
     engine_args: dict[str, Any] = field(default_factory=dict)  # extra vllm.LLM(...) arguments
+    backend: Literal["auto", "vllm", "torch"] = "auto"  # auto: vLLM where it is installed, else torch
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -68,6 +71,18 @@ class GenSettings:
             raise TandemError(f"--temperatures {list(self.temperatures)}: give one or more values >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
             raise TandemError(f"--top-p={self.top_p}; it must lie in (0, 1]")
+        if self.backend not in ("auto", "vllm", "torch"):
+            raise TandemError(f"--backend {self.backend!r}: choose vllm, torch or auto")
+        if self.backend == "torch" and self.engine_args:
+            raise TandemError("--engine-args are vllm.LLM arguments; the torch backend takes none")
+
+    def resolved(self) -> GenSettings:
+        """``backend="auto"`` made concrete (the manifest records which backend generated the shards)."""
+        if self.backend != "auto":
+            if self.backend == "vllm" and not _vllm_installed():
+                raise TandemError("--backend vllm but vLLM is not installed here; use --backend torch")
+            return self
+        return replace(self, backend="vllm" if _vllm_installed() else "torch")
 
     def recorded(self) -> dict[str, Any]:
         """The manifest's settings: what must match for a resumed run to continue this one."""
@@ -79,7 +94,15 @@ class GenSettings:
         d["prompts"] = str(self.prompts) if self.prompts else None
         d["prompt_tokens"] = list(self.prompt_tokens)
         d["temperatures"] = list(self.temperatures)
+        if d["backend"] == "vllm":
+            d.pop("backend")  # shards written before the torch backend existed record none: vLLM's
         return d
+
+
+def _vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
 
 
 # ---- prompts ------------------------------------------------------------------------------------
@@ -196,6 +219,7 @@ class ShardWriter:
         ]
 
     def write(self, shard: int, lo: int, hi: int) -> int:
+        """Generate prompts [lo, hi) and write them as shard ``shard``; returns the tokens written."""
         path = self.s.out / shard_name(shard)
         tmp = path.with_name(f".{path.name}.tmp")
         rows = self.records(lo, hi)
@@ -208,6 +232,47 @@ class ShardWriter:
         ranges = shard_ranges(len(self.prompts), self.s.shard_size)
         shards = [int(x) for x in batch["shard"]]
         return {"shard": shards, "tokens": [self.write(i, *ranges[i]) for i in shards]}
+
+    def close(self) -> None:
+        from tandem_vllm.vllm_adapter.engine import shutdown_offline
+
+        shutdown_offline(self.llm)
+
+
+class TorchShardWriter(ShardWriter):
+    """The same shards from the reference decoder (no vLLM): one batch per shard and temperature,
+    seeded per shard, stopping each row at the tokenizer's end-of-text token as vLLM does."""
+
+    def __init__(self, settings: GenSettings, prompts: list[list[int]], fingerprint: str) -> None:
+        import torch
+
+        from tandem_vllm.modeling.target import load_causal_lm
+
+        self.s, self.prompts, self.fingerprint = settings, prompts, fingerprint
+        self.lm = load_causal_lm(settings.target, device="cuda" if torch.cuda.is_available() else "cpu")
+
+    def records(self, lo: int, hi: int) -> list[dict[str, Any]]:
+        from tandem_vllm.decoding.speculate import Sampling, generate
+
+        s, eos = self.s, self.lm.tokenizer.eos_token_id
+        done: dict[tuple[int, float], dict[str, Any]] = {}
+        for t in s.temperatures:
+            top_p = s.top_p if t > 0 else 1.0
+            seed = s.seed * 1_000_003 + lo
+            outs = generate(self.lm.model, self.prompts[lo:hi], max_new_tokens=s.max_tokens,
+                            sampling=Sampling(temperature=t, top_p=top_p), eos_token_id=eos, seed=seed).tokens
+            for i, toks in zip(range(lo, hi), outs):
+                done[i, t] = {"index": i, "temperature": t, "top_p": top_p, "seed": seed, "target": self.fingerprint,
+                              "finish": "stop" if eos is not None and toks and toks[-1] == eos else "length",
+                              "prompt_ids": self.prompts[i], "completion_ids": toks}
+        return [done[i, t] for i in range(lo, hi) for t in s.temperatures]
+
+    def close(self) -> None:
+        pass
+
+
+def writer_class(s: GenSettings) -> type[ShardWriter]:
+    return TorchShardWriter if s.resolved().backend == "torch" else ShardWriter
 
 
 def _prepare(s: GenSettings) -> tuple[list[list[int]], str, list[int]]:
@@ -240,13 +305,13 @@ def _prepare(s: GenSettings) -> tuple[list[list[int]], str, list[int]]:
 def generate(s: GenSettings) -> dict[str, Any]:
     """Generate every missing shard locally (one engine); returns the manifest plus what was done."""
     from tandem_vllm.progress import progress_bar
-    from tandem_vllm.vllm_adapter.engine import shutdown_offline
 
+    s = s.resolved()
     prompts, fingerprint, pending = _prepare(s)
     ranges = shard_ranges(len(prompts), s.shard_size)
     tokens = 0
     if pending:
-        writer = ShardWriter(s, prompts, fingerprint)
+        writer = writer_class(s)(s, prompts, fingerprint)
         total = sum(hi - lo for lo, hi in ranges) * len(s.temperatures)
         done = sum(hi - lo for i, (lo, hi) in enumerate(ranges) if i not in pending)
         bar = progress_bar(total=total, initial=done * len(s.temperatures), desc="gen-data", unit="seq", disable=not s.progress)
@@ -255,7 +320,7 @@ def generate(s: GenSettings) -> dict[str, Any]:
             bar.update((ranges[i][1] - ranges[i][0]) * len(s.temperatures))
             bar.set_postfix(tokens=tokens, refresh=False)
         bar.close()
-        shutdown_offline(writer.llm)
+        writer.close()
     return {**json.loads((s.out / MANIFEST).read_text()), "written_shards": len(pending), "written_tokens": tokens}
 
 
@@ -268,11 +333,12 @@ def run_on_ray(s: GenSettings, *, engines: int = 1, num_gpus_per_engine: float =
     except ImportError as e:
         raise TandemError(f"--ray needs Ray Data ({e.name} is missing): pip install 'ray[data]'") from None
 
+    s = s.resolved()
     prompts, fingerprint, pending = _prepare(s)
     if pending:
         ds = ray.data.from_items([{"shard": i} for i in pending])
         written = ds.map_batches(
-            ShardWriter, fn_constructor_kwargs={"settings": replace(s, progress=False), "prompts": prompts,
+            writer_class(s), fn_constructor_kwargs={"settings": replace(s, progress=False), "prompts": prompts,
                                                 "fingerprint": fingerprint},
             batch_size=1, concurrency=engines, num_gpus=num_gpus_per_engine,
         ).take_all()

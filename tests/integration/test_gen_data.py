@@ -102,3 +102,36 @@ def test_the_ray_data_form_writes_the_same_shards(demo, tmp_path, capsys):
     assert done["written_shards"] == 2
     for name in ("shard-00000.jsonl", "shard-00001.jsonl"):
         assert (tmp_path / "ray" / name).read_text() == (tmp_path / "local" / name).read_text()
+
+
+def test_the_torch_backend_writes_the_same_greedy_text_without_vllm(demo, tmp_path, capsys, monkeypatch):
+    """`--backend torch` (what `auto` picks where vLLM is not installed, e.g. a PyTorch-only GPU
+    box): the reference decoder writes shards in the same format, greedy rows identical to vLLM's."""
+    from tandem_vllm.train import gen_data
+
+    args = ["--num-prompts", "12", "--prompt-tokens", "8-24", "--max-tokens", "16", "--shard-size", "8",
+            "--temperatures", "0", "1"]
+    base = ["gen-data", "--target", demo["target"], "--corpus", demo["train_corpus"], *args]
+    main([*base, "--out", str(tmp_path / "vllm")])
+    assert "backend" not in json.loads((tmp_path / "vllm" / "manifest.json").read_text())["settings"]  # old shards resume
+    monkeypatch.setattr(gen_data, "_vllm_installed", lambda: False)
+    main([*base, "--out", str(tmp_path / "torch")])  # auto: no vLLM here now
+    assert json.loads((tmp_path / "torch" / "manifest.json").read_text())["settings"]["backend"] == "torch"
+    target = load_causal_lm(demo["target"])
+    rows = {b: read_generated([tmp_path / b], target.identity) for b in ("vllm", "torch")}
+    assert len(rows["torch"]) == len(rows["vllm"]) == 24
+    for v, t in zip(rows["vllm"], rows["torch"]):
+        assert (v.prompt_ids, v.temperature) == (t.prompt_ids, t.temperature)
+        if v.temperature == 0:
+            assert t.completion_ids == v.completion_ids
+        else:
+            assert 0 < len(t.completion_ids) <= 16
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # resuming torch shards with vLLM would mix two generators' text
+        main([*base, "--out", str(tmp_path / "torch"), "--backend", "vllm"])
+    err = capsys.readouterr().err
+    assert "vLLM is not installed here" in err  # (the patched machine has none)
+    monkeypatch.setattr(gen_data, "_vllm_installed", lambda: True)
+    with pytest.raises(SystemExit):
+        main([*base, "--out", str(tmp_path / "torch"), "--backend", "vllm"])
+    assert "other settings (backend)" in capsys.readouterr().err
