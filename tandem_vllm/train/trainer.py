@@ -54,6 +54,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+FLEX_MIN_HEAD_DIM = 16  # compiled flex attention (torch 2.11, Inductor) refuses smaller heads: "NYI: embedding
+# dimension of the query, key, and value must be at least 16"
+
+
+def attention_backend(attn: str, device: torch.device, head_dim: int) -> str:
+    """The Tandem drafter's training attention: flex (a fused kernel skipping masked tiles) on CUDA
+    where its kernel takes the head size, else SDPA with a dense mask (same result, more memory)."""
+    if attn == "flex" and head_dim < FLEX_MIN_HEAD_DIM:
+        raise TandemError(f"--attn flex: the drafter's head size is {head_dim} and compiled flex attention needs "
+                          f"at least {FLEX_MIN_HEAD_DIM} (fewer --heads or a larger --hidden); or use --attn sdpa")
+    if attn == "flex" or (attn == "auto" and device.type == "cuda" and head_dim >= FLEX_MIN_HEAD_DIM):
+        return "flex"
+    return "sdpa"
+
+
 def _use_bf16(args: TrainArgs, device: torch.device) -> bool:
     supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if args.bf16 == "on" and not supported:
@@ -309,7 +324,7 @@ def _train(args: TrainArgs, world: distributed.World, stop_after: int | None) ->
     if args.attn == "flex" and device.type != "cuda":
         raise TandemError("--attn flex trains on CUDA only (flex attention has no CPU backward); use --attn sdpa")
     if isinstance(student, TandemDrafter):
-        student.attn_backend = "flex" if args.attn == "flex" or (args.attn == "auto" and device.type == "cuda") else "sdpa"
+        student.attn_backend = attention_backend(args.attn, device, student.cfg.head_dim)
     student.train()
     core = Objective(args, student, teacher)
     shard = _layers(student) + (_layers(teacher.model) + [teacher.model] if teacher is not None else [])

@@ -334,3 +334,17 @@ def test_a_target_that_does_not_fit_is_one_line(workdir, monkeypatch):
     with pytest.raises(TandemError, match="does not fit on cpu beside the drafter; use --parallel fsdp") as e:
         train(_args(workdir, "tandem", "oom", device="cpu"))
     assert "\n" not in str(e.value)
+
+
+def test_flex_attention_is_chosen_only_where_its_cuda_kernel_takes_the_head_size():
+    """Compiled flex attention refuses heads under 16 (seen on an H200 with torch 2.11: "NYI: embedding
+    dimension ... must be at least 16"): auto falls back to SDPA there, --attn flex says why."""
+    from tandem_vllm.train.trainer import attention_backend
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert attention_backend("auto", cuda, 16) == "flex"
+    assert attention_backend("auto", cuda, 8) == "sdpa"
+    assert attention_backend("auto", cpu, 64) == "sdpa"
+    assert attention_backend("sdpa", cuda, 64) == "sdpa"
+    with pytest.raises(TandemError, match="head size is 8 and compiled flex attention needs at least 16"):
+        attention_backend("flex", cuda, 8)
