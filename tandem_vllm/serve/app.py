@@ -57,10 +57,11 @@ class TandemServer:
         self.args = vllm_engine.serve_args(self.cfg.vllm_cli(on_cpu=vllm_engine.on_cpu()))
         self.engine = vllm_engine.serve_engine(self.args, stat_loggers=stat_loggers(self.cfg.ray_metrics))
         self.model_name = self.cfg.served_model_name or self.cfg.model or ""
+        self.replica = serve.get_replica_context().replica_id.unique_id
         observe_requests(self.engine, self.model_name)
         self.max_model_len = self.engine.model_config.max_model_len
         self.spec_method, self.spec_k, self.drafter = vllm_engine.speculation_of(self.engine)
-        logger.info(json.dumps({"event": "replica_ready", "model": self.model_name, "speculation": self.spec_method,
+        logger.info(json.dumps({"event": "replica_ready", "replica": self.replica, "model": self.model_name, "speculation": self.spec_method,
                                 "num_speculative_tokens": self.spec_k, "max_model_len": self.max_model_len}))
 
     async def __serve_build_asgi_app__(self) -> Any:
@@ -68,7 +69,7 @@ class TandemServer:
 
         app = await openai_app(self.engine, self.args)
         app.add_middleware(LimitsAndLogging, max_request_bytes=self.cfg.max_request_bytes, max_n=self.cfg.max_n,
-                           extra_roles=tuple(self.cfg.extra_chat_roles), api_key=self.cfg.api_key)
+                           extra_roles=tuple(self.cfg.extra_chat_roles), api_key=self.cfg.api_key, replica=self.replica)
         return app
 
     async def check_health(self) -> None:

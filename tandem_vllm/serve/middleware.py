@@ -10,6 +10,8 @@ The body is read once (it is bounded) and replayed to the app, so streaming resp
 With ``api_key`` every route needs ``Authorization: Bearer <key>`` except the probes in ``OPEN_PATHS``
 (vLLM's own check guards only /v1, /v2, /inference and /cohere: /tokenize, /invocations and the
 rest would answer anyone); a missing or wrong key is 401 in OpenAI's shape.
+Every response names the replica that answered it (``x-tandem-replica``), as does its log line: with
+several replicas behind one address, that is how a client or an operator tells them apart.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ def openai_error(status: int, message: str, *, type_: str = "BadRequestError", p
 
 class LimitsAndLogging:
     def __init__(self, app: Callable, *, max_request_bytes: int, max_n: int, extra_roles: tuple[str, ...] = (),
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, replica: str = "") -> None:
         self.app = app
+        self.replica = replica
+        self.replica_header = (b"x-tandem-replica", replica.encode("latin-1"))
         self.key_hash = hashlib.sha256(api_key.encode()).digest() if api_key else None
         self.max_request_bytes = max_request_bytes
         self.max_n = max_n
@@ -57,6 +61,8 @@ class LimitsAndLogging:
         async def send_logged(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                if self.replica:
+                    message = {**message, "headers": [*message.get("headers", []), self.replica_header]}
             await send(message)
 
         try:
@@ -68,7 +74,7 @@ class LimitsAndLogging:
                 await self.app(scope, receive, send_logged)
         finally:
             logger.info(json.dumps({"event": "http_request", "request_id": request_id, "method": scope.get("method"),
-                                    "path": scope.get("path"), "status": status["code"],
+                                    "path": scope.get("path"), "status": status["code"], "replica": self.replica,
                                     "ms": round(1000 * (time.perf_counter() - t0), 1)}))
 
     async def _check(self, scope: Scope, headers: dict[str, str], receive: Callable) -> tuple[Any, Callable]:

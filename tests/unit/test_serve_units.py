@@ -237,6 +237,26 @@ def test_the_api_key_guards_every_route_but_the_probes(path):
     assert _call(LimitsAndLogging(_echo, max_request_bytes=1024, max_n=2), b"{}", path=path)[0] == 200  # no key
 
 
+def test_every_response_names_the_replica_that_answered(caplog):
+    """With several replicas behind one address, the header tells a client which one answered."""
+    app = LimitsAndLogging(_echo, max_request_bytes=1024, max_n=2, api_key="k", replica="r1")
+    for headers, status in ((((b"authorization", b"Bearer k"),), 200), ((), 401)):  # served and refused
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message, sent=sent):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": list(headers)}
+        with caplog.at_level("INFO", logger="tandem_vllm.serve"):
+            asyncio.run(app(scope, receive, send))
+        start = next(m for m in sent if m["type"] == "http.response.start")
+        assert start["status"] == status and (b"x-tandem-replica", b"r1") in start["headers"]
+        assert json.loads(caplog.records[-1].getMessage())["replica"] == "r1"
+
+
 @pytest.mark.parametrize(
     ("body", "status", "fragment"),
     [
