@@ -9,6 +9,7 @@ in the order given and the run stops starting new phases at --budget-s; results.
 after every phase, so an interrupted run still reports what it finished.
 
     python scripts/target_study.py --data DIR --work DIR --out DIR [--variants long,short] [--pack long]
+    python scripts/target_study.py report RESULTS.json [NAME=EVAL.json ...] > REPORT.md
 
 DIR (--data) holds train.jsonl(.xz), heldout.jsonl, heldout_prompts.jsonl and tokenizer/ (the bench
 base's corpus). --pack NAME writes that variant's target (bf16) and drafters as pair.tar.xz.part-*
@@ -182,7 +183,39 @@ def pack(st: Study, name: str) -> None:
     st.results["packed"] = {"variant": name, "bytes": tar.stat().st_size}
 
 
+def report(results: Path, evals: list[str]) -> str:
+    """Markdown of a study run (held-out metrics the trainer measured) and of reference-decoder reports
+    (``tandem-vllm eval`` JSON) of its pairs, by name."""
+    r = json.loads(results.read_text())
+    out = [f"Study run on {r.get('machine', {}).get('cuda') or 'CPU'} (torch {r.get('machine', {}).get('torch')}), "
+           f"{r.get('elapsed_s')} s.", "", "| target | tokens | target CE | drafter | CE | agreement | TV | "
+           "agreement on target text | TV on target text |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, v in r["variants"].items():
+        t = v.get("target", {})
+        if "ce" not in t:
+            continue
+        for kind in ("baseline", "tandem", "eagle3"):
+            d = v.get(kind, {})
+            if "ce" in d:
+                out.append(f"| {name} | {t['tokens'] / 1e6:.1f}M | {t['ce']:.3f} | {kind} | {d['ce']:.3f} | "
+                           f"{d['agreement']:.4f} | {d['tv']:.4f} | {d['gen_agreement']:.4f} | {d['gen_tv']:.4f} |")
+    for item in evals:
+        name, _, path = item.partition("=")
+        e = json.loads(Path(path).read_text())
+        out += ["", f"**{name}** (`{path}`): tau with the reference decoders, {e['prompts']} held-out prompts x "
+                f"{e['max_new_tokens']} tokens", "", "| mode | k | " + " | ".join(e["tau"]["greedy"]) + " | tandem / baseline |",
+                "|---|---|" + "---|" * (len(e["tau"]["greedy"]) + 1)]
+        for mode, by in e["tau"].items():
+            for g in by["tandem"]:
+                ratio = by["tandem"][g] / by["baseline"][g] if "baseline" in by else float("nan")
+                out.append(f"| {mode} | {g} | " + " | ".join(f"{by[n][g]:.3f}" for n in by) + f" | {ratio:.3f} |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["report"]:
+        print(report(Path(sys.argv[2]), sys.argv[3:]), end="")
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--work", type=Path, required=True)
