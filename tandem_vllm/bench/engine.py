@@ -91,6 +91,9 @@ def rows_for(
     rows = [Row("target alone", None)]
     if ngram:
         rows.append(Row(f"n-gram lookup (k={k})", {**NGRAM, "num_speculative_tokens": k}))
+        if guards:  # the guards act on every drafter; n-gram lookup is the one that drafts where it cannot know
+            rows.append(Row(f"n-gram lookup guarded (k={k}, {guards})", {**NGRAM, "num_speculative_tokens": k},
+                            env={GUARDS_ENV: guards}))
     if baseline:
         rows.append(Row(f"SPEED (standalone drafter, k={k})", {"model": baseline, "num_speculative_tokens": k, **SAMPLED_DRAFTS}))
     if eagle3:

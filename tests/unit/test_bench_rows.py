@@ -87,3 +87,15 @@ def test_cpu_accounting_groups_processes_by_role_and_counts_new_ones_whole():
     before = {1: ("vLLM engine core", 10.0), 2: ("Ray daemons", 1.0)}
     after = {1: ("vLLM engine core", 12.5), 2: ("Ray daemons", 1.0), 3: ("other", 0.25)}
     assert cpu_by_group(before, after) == {"vLLM engine core": 2.5, "other": 0.25}
+
+
+def test_guards_add_a_guarded_row_for_every_drafter_they_act_on():
+    from tandem_vllm.vllm_adapter.guards import ENV
+
+    g = '{"min_acceptance": 0.3}'
+    rows = rows_for(tandem="/d/tandem", baseline=None, k=3, fallback_batch_size=0, guards=g)
+    assert [r.name for r in rows] == ["target alone", "n-gram lookup (k=3)", f"n-gram lookup guarded (k=3, {g})",
+                                      "Tandem+SPEED (k=3)", f"Tandem+SPEED guarded (k=3, {g})"]
+    assert rows[2].speculative_config == rows[1].speculative_config and rows[2].env == {ENV: g}
+    assert rows[4].speculative_config == rows[3].speculative_config and rows[4].env == {ENV: g}
+    assert not rows[1].env and not rows[3].env
