@@ -27,7 +27,7 @@ from torch import Tensor
 from tandem_vllm.config import TandemConfig, parse_taps
 from tandem_vllm.errors import TandemError
 from tandem_vllm.modeling.eagle3 import Eagle3Head
-from tandem_vllm.modeling.reference import TandemDrafter, random_block_starts
+from tandem_vllm.modeling.reference import AttnBackend, TandemDrafter, random_block_starts
 from tandem_vllm.modeling.target import LoadedLM, hidden_taps, load_causal_lm, num_layers
 from tandem_vllm.progress import progress_bar
 from tandem_vllm.train import distributed
@@ -58,7 +58,7 @@ FLEX_MIN_HEAD_DIM = 16  # compiled flex attention (torch 2.11, Inductor) refuses
 # dimension of the query, key, and value must be at least 16"
 
 
-def attention_backend(attn: str, device: torch.device, head_dim: int) -> str:
+def attention_backend(attn: str, device: torch.device, head_dim: int) -> AttnBackend:
     """The Tandem drafter's training attention: flex (a fused kernel skipping masked tiles) on CUDA
     where its kernel takes the head size, else SDPA with a dense mask (same result, more memory)."""
     if attn == "flex" and head_dim < FLEX_MIN_HEAD_DIM:
