@@ -272,7 +272,8 @@ class TorchShardWriter(ShardWriter):
 
 
 def writer_class(s: GenSettings) -> type[ShardWriter]:
-    return TorchShardWriter if s.resolved().backend == "torch" else ShardWriter
+    """The writer for settings already ``resolved()`` (both callers resolve first)."""
+    return TorchShardWriter if s.backend == "torch" else ShardWriter
 
 
 def _prepare(s: GenSettings) -> tuple[list[list[int]], str, list[int]]:
