@@ -115,7 +115,8 @@ def _gen_data(a: argparse.Namespace) -> None:
 
 def _engine_flags(p: argparse.ArgumentParser, *, batch_sizes: list[int]) -> None:
     """Flags every in-process engine benchmark shares: prompts, batch sizes, lengths, engine size, report."""
-    p.add_argument("--prompts", required=True, help='JSONL, one {"prompt": ...} per line')
+    p.add_argument("--prompts", required=True, help='JSONL, one {"prompt": ...} per line (bench engine: an optional '
+                   '"regex" field constrains that request\'s output, vLLM structured outputs)')
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--skip-prompts", type=int, default=0, help="start after this many prompts (measure a "
                    "schedule on prompts other than those it is judged on)")
@@ -159,9 +160,8 @@ def _step_report(rows: list[tuple[str, int, Any]], plot: str | None, labels: tup
 
 def _bench_engine(a: argparse.Namespace) -> None:
     from tandem_vllm.bench import engine
-    from tandem_vllm.quality import read_prompts
 
-    prompts = read_prompts(a.prompts)[a.skip_prompts : a.skip_prompts + a.num_prompts]
+    prompts = engine.read_workload(a.prompts)[a.skip_prompts : a.skip_prompts + a.num_prompts]
     engine_kwargs = _bench_engine_kwargs(a)
     schedule = None
     if a.k_schedule:

@@ -23,9 +23,10 @@ import asyncio
 import gc
 import json
 import os
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -39,6 +40,45 @@ from tandem_vllm.progress import progress_bar
 from tandem_vllm.vllm_adapter.engine import async_engine, spec_counters
 from tandem_vllm.vllm_adapter.guards import ENV as GUARDS_ENV
 from tandem_vllm.vllm_adapter.guards import server_defaults
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One request of a workload: its text and, optionally, a regular expression its output must match
+    (vLLM's structured outputs; a prompts line's "regex" field)."""
+
+    text: str
+    regex: str | None = None
+
+
+def read_workload(path: str | Path) -> list[Prompt]:
+    """A prompts file: one JSON object per line with "prompt" (or "text"/"content") and optionally "regex"."""
+    from tandem_vllm.train.data import JSONL_KEYS
+
+    path = Path(path)
+    if path.suffix != ".jsonl" or not path.is_file():
+        raise TandemError(f"--prompts {path}: expected an existing .jsonl file with one {{\"prompt\": ...}} per line")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TandemError(f"{path}:{n} is not valid JSON ({e.msg}); one JSON object per line") from None
+        text = next((obj[k] for k in JSONL_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), str)), None)
+        if not text or not text.strip():
+            raise TandemError(f"{path}:{n} has no \"prompt\" string")
+        regex = obj.get("regex")
+        if regex is not None:
+            try:
+                re.compile(regex)
+            except (re.error, TypeError) as e:
+                raise TandemError(f"{path}:{n}: \"regex\" is not a regular expression ({e})") from None
+        out.append(Prompt(text, regex))
+    if not out:
+        raise TandemError(f"{path} has no prompts; one {{\"prompt\": ...}} per line")
+    return out
 
 
 @dataclass(frozen=True)
@@ -129,7 +169,7 @@ async def _engine_stream(engine: Any, prompt: str, params: Any) -> AsyncIterator
         yield list(out.outputs[0].token_ids)
 
 
-async def _cell(row: Row, one: Any, prompts: list[str], batch_size: int) -> Cell:
+async def _cell(row: Row, one: Any, prompts: list[Prompt], batch_size: int) -> Cell:
     """One closed-loop pass over the prompts with batch_size in flight, measured."""
     before, start = spec_counters(), time.time()
     raw, seconds = await closed_loop(one, prompts, batch_size)
@@ -160,12 +200,15 @@ async def _cell(row: Row, one: Any, prompts: list[str], batch_size: int) -> Cell
 
 
 async def bench_row(
-    row: Row, *, target: str, prompts: list[str], batch_sizes: list[int], max_tokens: int, repeat: int,
+    row: Row, *, target: str, prompts: Sequence[str | Prompt], batch_sizes: list[int], max_tokens: int, repeat: int,
     engine_kwargs: dict[str, Any], temperature: float = 0.0,
 ) -> list[Cell]:
     """Per batch size, the median (by tokens/s) of `repeat` passes. A warm-up pass over every prompt
     first, so every measured pass sees the same prefix-cache state (prompts cached: decode dominates)."""
     from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    workload = [p if isinstance(p, Prompt) else Prompt(p) for p in prompts]
 
     saved = {k: os.environ.get(k) for k in row.env}
     os.environ.update(row.env)  # read where the engine's processes start
@@ -178,16 +221,19 @@ async def bench_row(
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)
+    def params(prompt: Prompt) -> Any:
+        structured = StructuredOutputsParams(regex=prompt.regex) if prompt.regex else None
+        return SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True,
+                              structured_outputs=structured)
 
-    async def one(prompt: str) -> Streamed:
-        return await measure(_engine_stream(engine, prompt, params))
+    async def one(prompt: Prompt) -> Streamed:
+        return await measure(_engine_stream(engine, prompt.text, params(prompt)))
 
     cells = []
     try:
-        await closed_loop(one, prompts, max(batch_sizes))
+        await closed_loop(one, workload, max(batch_sizes))
         for b in batch_sizes:
-            passes = sorted([await _cell(row, one, prompts, b) for _ in range(repeat)], key=lambda c: c.tokens_per_s)
+            passes = sorted([await _cell(row, one, workload, b) for _ in range(repeat)], key=lambda c: c.tokens_per_s)
             passes[len(passes) // 2].temperature = temperature
             cells.append(passes[len(passes) // 2])
     finally:
@@ -200,7 +246,7 @@ def run(
     target: str,
     tandem: str,
     baseline: str | None,
-    prompts: list[str],
+    prompts: Sequence[str | Prompt],
     batch_sizes: list[int],
     max_tokens: int,
     k: int,

@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
+
+P = TypeVar("P")  # what one request is made from: a prompt, or a prompt with its settings
 
 
 @dataclass
@@ -40,12 +43,12 @@ async def measure(stream: AsyncIterator[list[int]]) -> Streamed:
     return Streamed(list(tokens), ttft, itl, chunks)
 
 
-async def closed_loop(one: Callable[[str], Awaitable[Streamed]], prompts: list[str],
+async def closed_loop(one: Callable[[P], Awaitable[Streamed]], prompts: Sequence[P],
                       concurrency: int) -> tuple[list[Streamed | BaseException], float]:
     """Every prompt once, `concurrency` in flight; (results or the exception each raised, wall seconds)."""
     gate = asyncio.Semaphore(concurrency)
 
-    async def gated(p: str) -> Streamed:
+    async def gated(p: P) -> Streamed:
         async with gate:
             return await one(p)
 

@@ -1,6 +1,7 @@
 """Which rows `bench engine` runs, and with what speculative config."""
 
 import json
+import re
 
 import pytest
 
@@ -99,3 +100,27 @@ def test_guards_add_a_guarded_row_for_every_drafter_they_act_on():
     assert rows[2].speculative_config == rows[1].speculative_config and rows[2].env == {ENV: g}
     assert rows[4].speculative_config == rows[3].speculative_config and rows[4].env == {ENV: g}
     assert not rows[1].env and not rows[3].env
+
+
+def test_a_workload_line_may_constrain_its_output_with_a_regex(tmp_path):
+    from tandem_vllm.bench.engine import Prompt, read_workload
+
+    path = tmp_path / "w.jsonl"
+    path.write_text('{"prompt": "def f():"}\n\n{"prompt": "key = \\"", "regex": "[0-9a-f]{8}"}\n')
+    assert read_workload(path) == [Prompt("def f():"), Prompt('key = "', "[0-9a-f]{8}")]
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [("", "has no prompts"), ("{oops\n", ":1 is not valid JSON"), ('{"regex": "a"}\n', ':1 has no "prompt" string'),
+     ('{"prompt": "x", "regex": "[a-"}\n', ':1: "regex" is not a regular expression')],
+)
+def test_a_bad_workload_is_one_line_naming_the_line(tmp_path, text, fragment):
+    from tandem_vllm.bench.engine import read_workload
+
+    path = tmp_path / "w.jsonl"
+    path.write_text(text)
+    with pytest.raises(TandemError, match=re.escape(fragment)):
+        read_workload(path)
+    with pytest.raises(TandemError, match="expected an existing .jsonl file"):
+        read_workload(tmp_path / "w.txt")
