@@ -45,14 +45,17 @@ from tandem_vllm.vllm_adapter.guards import server_defaults
 @dataclass(frozen=True)
 class Prompt:
     """One request of a workload: its text and, optionally, a regular expression its output must match
-    (vLLM's structured outputs; a prompts line's "regex" field)."""
+    (vLLM's structured outputs; a prompts line's "regex" field) and a temperature of its own (the
+    line's "temperature"; else the run's)."""
 
     text: str
     regex: str | None = None
+    temperature: float | None = None
 
 
 def read_workload(path: str | Path) -> list[Prompt]:
-    """A prompts file: one JSON object per line with "prompt" (or "text"/"content") and optionally "regex"."""
+    """A prompts file: one JSON object per line with "prompt" (or "text"/"content") and optionally "regex"
+    and "temperature"."""
     from tandem_vllm.train.data import JSONL_KEYS
 
     path = Path(path)
@@ -75,7 +78,11 @@ def read_workload(path: str | Path) -> list[Prompt]:
                 re.compile(regex)
             except (re.error, TypeError) as e:
                 raise TandemError(f"{path}:{n}: \"regex\" is not a regular expression ({e})") from None
-        out.append(Prompt(text, regex))
+        temperature = obj.get("temperature")
+        if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                        or not 0 <= temperature <= 10):
+            raise TandemError(f"{path}:{n}: \"temperature\" must be a number from 0 to 10, not {temperature!r}")
+        out.append(Prompt(text, regex, None if temperature is None else float(temperature)))
     if not out:
         raise TandemError(f"{path} has no prompts; one {{\"prompt\": ...}} per line")
     return out
@@ -223,8 +230,8 @@ async def bench_row(
                 os.environ[key] = value
     def params(prompt: Prompt) -> Any:
         structured = StructuredOutputsParams(regex=prompt.regex) if prompt.regex else None
-        return SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True,
-                              structured_outputs=structured)
+        own = temperature if prompt.temperature is None else prompt.temperature
+        return SamplingParams(temperature=own, max_tokens=max_tokens, ignore_eos=True, structured_outputs=structured)
 
     async def one(prompt: Prompt) -> Streamed:
         return await measure(_engine_stream(engine, prompt.text, params(prompt)))
@@ -297,7 +304,8 @@ def run(
         ref = base[c.batch_size]
         c.speedup = round(c.tokens_per_s / ref.tokens_per_s, 3)
         c.speedup_over_tau = round(c.speedup / c.tau, 3)
-        c.lossless = c.outputs == ref.outputs if temperature == 0 else None  # sampled outputs differ by design
+        greedy = temperature == 0 and not any(isinstance(p, Prompt) and p.temperature for p in prompts)
+        c.lossless = c.outputs == ref.outputs if greedy else None  # sampled outputs differ by design
     return cells
 
 

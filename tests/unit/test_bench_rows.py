@@ -106,14 +106,15 @@ def test_a_workload_line_may_constrain_its_output_with_a_regex(tmp_path):
     from tandem_vllm.bench.engine import Prompt, read_workload
 
     path = tmp_path / "w.jsonl"
-    path.write_text('{"prompt": "def f():"}\n\n{"prompt": "key = \\"", "regex": "[0-9a-f]{8}"}\n')
-    assert read_workload(path) == [Prompt("def f():"), Prompt('key = "', "[0-9a-f]{8}")]
+    path.write_text('{"prompt": "def f():"}\n\n{"prompt": "key = \\"", "regex": "[0-9a-f]{8}", "temperature": 1}\n')
+    assert read_workload(path) == [Prompt("def f():"), Prompt('key = "', "[0-9a-f]{8}", 1.0)]
 
 
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [("", "has no prompts"), ("{oops\n", ":1 is not valid JSON"), ('{"regex": "a"}\n', ':1 has no "prompt" string'),
-     ('{"prompt": "x", "regex": "[a-"}\n', ':1: "regex" is not a regular expression')],
+     ('{"prompt": "x", "regex": "[a-"}\n', ':1: "regex" is not a regular expression'),
+     ('{"prompt": "x", "temperature": "hot"}\n', ':1: "temperature" must be a number from 0 to 10')],
 )
 def test_a_bad_workload_is_one_line_naming_the_line(tmp_path, text, fragment):
     from tandem_vllm.bench.engine import read_workload
