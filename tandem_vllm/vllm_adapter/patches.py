@@ -316,6 +316,30 @@ def _opt_out() -> None:
     per_request_opt_out(Scheduler)
 
 
+def plain_sampling_without_drafts(runner_cls: Any) -> None:
+    """A step in which no request verifies a draft (K = 0: the batch-size fallback, guards, opted-out
+    requests) samples like target alone. vLLM's V1 runner sends every step of a speculative engine
+    through the rejection sampler, drafts or not -- a second sampler pass over raw logits, the
+    rejection kernels over zero drafts and their logprob bookkeeping. With no drafts the rejection
+    sampler's output is the bonus token, drawn by the same sampler from the same logits (one row per
+    request), so handing the step to the plain sampler changes nothing but the time."""
+    sample = runner_cls._sample
+
+    @functools.wraps(sample)
+    def _sample(self: Any, logits: Any, spec_decode_metadata: Any, *args: Any, **kwargs: Any) -> Any:
+        if spec_decode_metadata is not None and spec_decode_metadata.max_spec_len == 0 and serves_tandem(self):
+            spec_decode_metadata = None
+        return sample(self, logits, spec_decode_metadata, *args, **kwargs)
+
+    runner_cls._sample = _mark(_sample, "k0-sampler")
+
+
+def _k0_sampler() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    plain_sampling_without_drafts(GPUModelRunner)
+
+
 def _k0_skip() -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.engine.core import EngineCore
@@ -504,6 +528,9 @@ PATCHES: Final[tuple[Patch, ...]] = (
     Patch("k0-skip", (f"{_SCHEDULER}.schedule", "vllm.v1.engine.core:EngineCore.post_step"),
           "after a step scheduled without drafts (dynamic K), skip the post-step RPC that fetches empty drafts",
           "Tandem engines", _k0_skip, optional=True),
+    Patch("k0-sampler", (f"{_RUNNER}._sample",),
+          "a step in which no request verifies drafts samples with the plain sampler instead of running the "
+          "rejection sampler over zero drafts", "Tandem engines", _k0_sampler, optional=True),
     Patch("opt-out", (f"{_SCHEDULER}.schedule",),
           "a request with extra_args speculate=off is scheduled without drafts (plain target decoding)",
           "every engine with speculation: the request field is tandem-vllm's and its Serve app also serves "

@@ -70,16 +70,30 @@ def test_overflow_is_refused_over_http_and_grpc_and_the_rest_completes(app):
     assert _complete(app.http, 4)[0] == 200  # and it keeps serving
 
 
+def _engine_of_the_live_replica(psutil, timeout_s: float = 60.0):
+    """The engine process of this app's replica: the replica process that has one (a replica of an
+    earlier app may still be shutting down, its engine already gone)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for p in psutil.process_iter(["cmdline"]):
+            if any("ServeReplica:tandem" in part for part in (p.info["cmdline"] or [])):
+                try:
+                    engines = [c for c in p.children(recursive=True) if "EngineCore" in " ".join(c.cmdline())]
+                except psutil.Error:
+                    continue
+                if engines:
+                    return engines[0]
+        assert time.monotonic() < deadline, "no Serve replica with a running engine"
+        time.sleep(1)
+
+
 def test_a_dead_engine_is_unavailable_until_serve_replaces_the_replica(app):
     import grpc
     import psutil
 
     from tandem_vllm.serve.grpc_api import pb, pb_grpc
 
-    replica = next(p for p in psutil.process_iter(["cmdline"])
-                   if any("ServeReplica:tandem" in part for part in (p.info["cmdline"] or [])))
-    engine = next(c for c in replica.children(recursive=True) if "EngineCore" in " ".join(c.cmdline()))
-    engine.kill()
+    _engine_of_the_live_replica(psutil).kill()
     stub = pb_grpc.TandemGenerationStub(grpc.insecure_channel(app.grpc))
     request = pb.CompleteRequest(prompt="x = ", sampling=pb.SamplingOptions(max_tokens=2))
     with pytest.raises(grpc.RpcError) as e:

@@ -194,6 +194,30 @@ def test_k0_skip_leaves_engines_without_a_tandem_drafter_alone():
     assert _fetches(Engine(Scheduler([3, 0, 0, 3], tandem=False)), 4) == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize(("tandem", "max_spec_len", "plain"), [(True, 0, True), (True, 2, False), (False, 0, False)])
+def test_a_tandem_step_without_drafts_samples_like_target_alone(tandem, max_spec_len, plain):
+    """k0-sampler: the spec-decode metadata of a step with no drafts is dropped before sampling, so the
+    plain sampler runs instead of the rejection sampler; steps with drafts and other engines keep it."""
+    from types import SimpleNamespace
+
+    seen = []
+
+    class Runner:
+        vllm_config = SimpleNamespace(speculative_config=SimpleNamespace(draft_model_config=None))
+
+        def _sample(self, logits, spec_decode_metadata):
+            seen.append(spec_decode_metadata)
+            return "sampled"
+
+    patches.plain_sampling_without_drafts(Runner)
+    runner = Runner()
+    runner.__dict__["_tandem_engine"] = tandem  # what serves_tandem reads from the engine's config
+    metadata = SimpleNamespace(max_spec_len=max_spec_len)
+    assert runner._sample("logits", metadata) == "sampled"
+    assert seen == [None if plain else metadata]
+    assert runner._sample("logits", None) == "sampled" and seen[-1] is None
+
+
 def test_install_replaces_every_symbol_in_the_patch_table_and_nothing_is_unaccounted():
     """The table is the truth: each symbol it names carries its patch's mark after install()."""
     import importlib
