@@ -71,18 +71,20 @@ def test_overflow_is_refused_over_http_and_grpc_and_the_rest_completes(app):
 
 
 def _engine_of_the_live_replica(psutil, timeout_s: float = 60.0):
-    """The engine process of this app's replica: the replica process that has one (a replica of an
-    earlier app may still be shutting down, its engine already gone)."""
+    """The engine process of this app's replica: the newest engine under any "ServeReplica:tandem"
+    process (the previous module's app had the same name, and its replica process may linger, with
+    or without an engine; Ray may also host a new replica in a reused worker process)."""
     deadline = time.monotonic() + timeout_s
     while True:
+        engines = []
         for p in psutil.process_iter(["cmdline"]):
             if any("ServeReplica:tandem" in part for part in (p.info["cmdline"] or [])):
                 try:
-                    engines = [c for c in p.children(recursive=True) if "EngineCore" in " ".join(c.cmdline())]
+                    engines += [c for c in p.children(recursive=True) if "EngineCore" in " ".join(c.cmdline())]
                 except psutil.Error:
                     continue
-                if engines:
-                    return engines[0]
+        if engines:
+            return max(engines, key=lambda c: c.create_time())
         assert time.monotonic() < deadline, "no Serve replica with a running engine"
         time.sleep(1)
 
