@@ -115,8 +115,8 @@ def _gen_data(a: argparse.Namespace) -> None:
 
 def _engine_flags(p: argparse.ArgumentParser, *, batch_sizes: list[int]) -> None:
     """Flags every in-process engine benchmark shares: prompts, batch sizes, lengths, engine size, report."""
-    p.add_argument("--prompts", required=True, help='JSONL, one {"prompt": ...} per line (bench engine: an optional '
-                   '"regex" field constrains that request\'s output, vLLM structured outputs)')
+    p.add_argument("--prompts", required=True, help='JSONL, one {"prompt": ...} per line (bench engine: optional '
+                   '"regex" -- vLLM structured outputs -- and "temperature" per request)')
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--skip-prompts", type=int, default=0, help="start after this many prompts (measure a "
                    "schedule on prompts other than those it is judged on)")

@@ -56,20 +56,18 @@ class Prompt:
 def read_workload(path: str | Path) -> list[Prompt]:
     """A prompts file: one JSON object per line with "prompt" (or "text"/"content") and optionally "regex"
     and "temperature"."""
-    from tandem_vllm.train.data import JSONL_KEYS
+    from tandem_vllm.train.data import jsonl_rows, jsonl_text
 
     path = Path(path)
     if path.suffix != ".jsonl" or not path.is_file():
         raise TandemError(f"--prompts {path}: expected an existing .jsonl file with one {{\"prompt\": ...}} per line")
+    try:
+        rows = jsonl_rows(path, path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise TandemError(f"--prompts {path} is not UTF-8 (byte {e.start})") from None
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TandemError(f"{path}:{n} is not valid JSON ({e.msg}); one JSON object per line") from None
-        text = next((obj[k] for k in JSONL_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), str)), None)
+    for n, obj in rows:
+        text = jsonl_text(obj)
         if not text or not text.strip():
             raise TandemError(f"{path}:{n} has no \"prompt\" string")
         regex = obj.get("regex")
@@ -228,13 +226,13 @@ async def bench_row(
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    def params(prompt: Prompt) -> Any:
-        structured = StructuredOutputsParams(regex=prompt.regex) if prompt.regex else None
-        own = temperature if prompt.temperature is None else prompt.temperature
-        return SamplingParams(temperature=own, max_tokens=max_tokens, ignore_eos=True, structured_outputs=structured)
+    params = {p: SamplingParams(temperature=temperature if p.temperature is None else p.temperature,
+                                max_tokens=max_tokens, ignore_eos=True,
+                                structured_outputs=StructuredOutputsParams(regex=p.regex) if p.regex else None)
+              for p in set(workload)}
 
     async def one(prompt: Prompt) -> Streamed:
-        return await measure(_engine_stream(engine, prompt.text, params(prompt)))
+        return await measure(_engine_stream(engine, prompt.text, params[prompt]))
 
     cells = []
     try:
@@ -300,11 +298,11 @@ def run(
         for c, summary in zip(cells, steps.per_window(step_times, [c.window for c in cells])):
             c.steps = summary
     base = {c.batch_size: c for c in cells if c.row == rows[0].name}
+    greedy = temperature == 0 and not any(isinstance(p, Prompt) and p.temperature for p in prompts)
     for c in cells:
         ref = base[c.batch_size]
         c.speedup = round(c.tokens_per_s / ref.tokens_per_s, 3)
         c.speedup_over_tau = round(c.speedup / c.tau, 3)
-        greedy = temperature == 0 and not any(isinstance(p, Prompt) and p.temperature for p in prompts)
         c.lossless = c.outputs == ref.outputs if greedy else None  # sampled outputs differ by design
     return cells
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -38,19 +38,29 @@ def read_texts(paths: Iterable[str | Path]) -> list[str]:
     return docs
 
 
-def _jsonl_docs(path: Path, text: str) -> list[str]:
-    docs = []
+def jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) of each non-blank line; a line that is not JSON is a one-line error."""
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            obj: Any = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise TandemError(f"{path}:{n} is not valid JSON ({e.msg}); one JSON object per line") from None
-        key = next((k for k in JSONL_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), str)), None)
-        if key is None:
+
+
+def jsonl_text(obj: Any) -> str | None:
+    """A row's document: its first string field among JSONL_KEYS."""
+    return next((obj[k] for k in JSONL_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), str)), None)
+
+
+def _jsonl_docs(path: Path, text: str) -> list[str]:
+    docs = []
+    for n, obj in jsonl_rows(path, text):
+        doc = jsonl_text(obj)
+        if doc is None:
             raise TandemError(f"{path}:{n} has no string field {' / '.join(JSONL_KEYS)}")
-        docs.append(obj[key])
+        docs.append(doc)
     return docs
 
 

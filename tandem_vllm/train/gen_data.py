@@ -33,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 
 from tandem_vllm.errors import TandemError
+from tandem_vllm.train.data import jsonl_rows
 
 MANIFEST = "manifest.json"
 FORMAT = "tandem-vllm/generated-v1"
@@ -123,17 +124,11 @@ def file_prompts(path: Path, tokenizer: Any, limit: int) -> list[list[int]]:
     if not path.is_file():
         raise TandemError(f"--prompts {path} does not exist; pass a JSONL file of {{\"prompt\": ...}} or {{\"messages\": [...]}}")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise TandemError(f"--prompts {path} is not UTF-8 (byte {e.start})") from None
     out: list[list[int]] = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TandemError(f"{path}:{n} is not valid JSON ({e.msg}); one JSON object per line") from None
+    for n, row in jsonl_rows(path, text):
         if isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"]:
             ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
         elif isinstance(row, dict) and _is_chat(row.get("messages")):

@@ -288,15 +288,16 @@ def speculation_guards(scheduler_cls: Any) -> None:
 
     @functools.wraps(update)
     def update_draft_token_ids(self: Any, draft_token_ids: Any, *args: Any, **kwargs: Any) -> Any:
-        proposed = {req_id: sum(1 for _ in itertools.takewhile(lambda t: t >= 0, ids))  # -1 pads
-                    for req_id, ids in zip(draft_token_ids.req_ids, draft_token_ids.draft_token_ids)}
-        out = update(self, draft_token_ids, *args, **kwargs)
-        for req_id, n in proposed.items():
+        watched = []  # structured-output requests with an acceptance guard: (request, its state, drafts proposed)
+        for req_id, ids in zip(draft_token_ids.req_ids, draft_token_ids.draft_token_ids):
             request = self.requests.get(req_id)
-            if (request is None or not request.use_structured_output or request.is_prefill_chunk
-                    or (dropped := n - len(request.spec_token_ids)) <= 0 or (st := state(self, request)) is None):
-                continue
-            st.observe(dropped, 0)  # drafts its grammar refused: drafted, never accepted
+            if (request is not None and request.use_structured_output and not request.is_prefill_chunk
+                    and (st := state(self, request)) is not None and st.guards.min_acceptance):
+                watched.append((request, st, sum(1 for _ in itertools.takewhile(lambda t: t >= 0, ids))))  # -1 pads
+        out = update(self, draft_token_ids, *args, **kwargs)
+        for request, st, proposed in watched:
+            if (dropped := proposed - len(request.spec_token_ids)) > 0:
+                st.observe(dropped, 0)  # drafts its grammar refused: drafted, never accepted
         return out
 
     scheduler_cls.schedule = _mark(_schedule, "guards")
