@@ -34,7 +34,7 @@ from tandem_vllm.modeling.eagle3 import ARCHITECTURE as EAGLE3_ARCH
 from tandem_vllm.modeling.eagle3 import Eagle3Head
 from tandem_vllm.modeling.pairing import load_baseline_for, load_eagle3_for, load_tandem_for
 from tandem_vllm.modeling.reference import TandemDrafter
-from tandem_vllm.modeling.target import hidden_taps, load_causal_lm
+from tandem_vllm.modeling.target import hidden_taps, load_causal_lm, resolve_device
 from tandem_vllm.progress import progress_bar
 from tandem_vllm.train.data import read_texts
 from tandem_vllm.train.loss import tv_distance
@@ -137,8 +137,6 @@ def quality_report(
     """``block``: the serving k the block-position agreement is measured at. ``eagle3_dir``: an EAGLE-3
     head (``train --kind eagle3``). ``extra``: more drafters (Tandem, EAGLE-3 or standalone) by name,
     e.g. variants of one recipe, reported beside the others."""
-    from tandem_vllm.train.trainer import resolve_device
-
     dev = str(resolve_device(device))
     target = load_causal_lm(target_dir, device=dev)
     drafters: dict[str, Any] = {}

@@ -26,6 +26,15 @@ class LoadedLM:
     identity: TargetIdentity
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the GPU when one is visible, else the CPU; a CUDA device without one is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TandemError(f"--device {name} but no CUDA device is visible; use --device cpu")
+    return torch.device(name)
+
+
 def load_causal_lm(path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedLM:
     """Load a local HF causal LM directory (no downloads) with its tokenizer, in eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

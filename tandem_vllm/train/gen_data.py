@@ -239,12 +239,10 @@ class TorchShardWriter(ShardWriter):
     seeded per shard, stopping each row at the tokenizer's end-of-text token as vLLM does."""
 
     def __init__(self, settings: GenSettings, prompts: list[list[int]], fingerprint: str) -> None:
-        import torch
-
-        from tandem_vllm.modeling.target import load_causal_lm
+        from tandem_vllm.modeling.target import load_causal_lm, resolve_device
 
         self.s, self.prompts, self.fingerprint = settings, prompts, fingerprint
-        self.lm = load_causal_lm(settings.target, device="cuda" if torch.cuda.is_available() else "cpu")
+        self.lm = load_causal_lm(settings.target, device=str(resolve_device("auto")))
 
     def records(self, lo: int, hi: int) -> list[dict[str, Any]]:
         from tandem_vllm.decoding.speculate import Sampling, generate

@@ -28,7 +28,7 @@ from tandem_vllm.config import TandemConfig, parse_taps
 from tandem_vllm.errors import TandemError
 from tandem_vllm.modeling.eagle3 import Eagle3Head
 from tandem_vllm.modeling.reference import AttnBackend, TandemDrafter, random_block_starts
-from tandem_vllm.modeling.target import LoadedLM, hidden_taps, load_causal_lm, num_layers
+from tandem_vllm.modeling.target import LoadedLM, hidden_taps, load_causal_lm, num_layers, resolve_device
 from tandem_vllm.progress import progress_bar
 from tandem_vllm.train import distributed
 from tandem_vllm.train.args import VLLM_CPU_HEAD_DIMS, TrainArgs
@@ -44,14 +44,6 @@ class TrainResult:
     steps: int
     metrics: dict[str, float]  # final held-out evaluation
     rank: int = 0  # this process's rank in a distributed run
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TandemError(f"--device {name} but no CUDA device is visible; use --device cpu")
-    return torch.device(name)
 
 
 FLEX_MIN_HEAD_DIM = 16  # compiled flex attention (torch 2.11, Inductor) refuses smaller heads: "NYI: embedding
