@@ -56,17 +56,13 @@ class Prompt:
 def read_workload(path: str | Path) -> list[Prompt]:
     """A prompts file: one JSON object per line with "prompt" (or "text"/"content") and optionally "regex"
     and "temperature"."""
-    from tandem_vllm.train.data import jsonl_rows, jsonl_text
+    from tandem_vllm.train.data import jsonl_rows, jsonl_text, read_utf8
 
     path = Path(path)
     if path.suffix != ".jsonl" or not path.is_file():
         raise TandemError(f"--prompts {path}: expected an existing .jsonl file with one {{\"prompt\": ...}} per line")
-    try:
-        rows = jsonl_rows(path, path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise TandemError(f"--prompts {path} is not UTF-8 (byte {e.start})") from None
     out = []
-    for n, obj in rows:
+    for n, obj in jsonl_rows(path, read_utf8(path, "--prompts")):
         text = jsonl_text(obj)
         if not text or not text.strip():
             raise TandemError(f"{path}:{n} has no \"prompt\" string")

@@ -24,10 +24,7 @@ def read_texts(paths: Iterable[str | Path]) -> list[str]:
     for path in map(Path, paths):
         if not path.is_file():
             raise TandemError(f"data file {path} does not exist; pass text or JSONL files")
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise TandemError(f"data file {path} is not UTF-8 (byte {e.start}); convert it with iconv -t utf-8") from None
+        text = read_utf8(path, "data file")
         found = _jsonl_docs(path, text) if path.suffix == ".jsonl" else [text]
         found = [d for d in found if d.strip()]
         if not found:
@@ -36,6 +33,14 @@ def read_texts(paths: Iterable[str | Path]) -> list[str]:
     if not docs:
         raise TandemError("no data files given; pass at least one text or JSONL file")
     return docs
+
+
+def read_utf8(path: Path, what: str) -> str:
+    """The file's text; a file that is not UTF-8 is a one-line error naming ``what`` and the path."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TandemError(f"{what} {path} is not UTF-8 (byte {e.start}); convert it with iconv -t utf-8") from None
 
 
 def jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, Any]]:

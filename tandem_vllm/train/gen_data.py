@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 
 from tandem_vllm.errors import TandemError
-from tandem_vllm.train.data import jsonl_rows
+from tandem_vllm.train.data import jsonl_rows, read_utf8
 
 MANIFEST = "manifest.json"
 FORMAT = "tandem-vllm/generated-v1"
@@ -123,12 +123,8 @@ def file_prompts(path: Path, tokenizer: Any, limit: int) -> list[list[int]]:
     tokenizer's chat template (with the assistant turn opened). One-line errors for bad files."""
     if not path.is_file():
         raise TandemError(f"--prompts {path} does not exist; pass a JSONL file of {{\"prompt\": ...}} or {{\"messages\": [...]}}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise TandemError(f"--prompts {path} is not UTF-8 (byte {e.start})") from None
     out: list[list[int]] = []
-    for n, row in jsonl_rows(path, text):
+    for n, row in jsonl_rows(path, read_utf8(path, "--prompts")):
         if isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"]:
             ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
         elif isinstance(row, dict) and _is_chat(row.get("messages")):
