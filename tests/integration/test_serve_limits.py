@@ -70,22 +70,34 @@ def test_overflow_is_refused_over_http_and_grpc_and_the_rest_completes(app):
     assert _complete(app.http, 4)[0] == 200  # and it keeps serving
 
 
-def _engine_of_the_live_replica(psutil, timeout_s: float = 60.0):
+def _engine_of_the_live_replica(psutil, timeout_s: float = 300.0):
     """The engine process of this app's replica: the newest engine under any "ServeReplica:tandem"
     process (the previous module's app had the same name, and its replica process may linger, with
-    or without an engine; Ray may also host a new replica in a reused worker process)."""
+    or without an engine; Ray may also host a new replica in a reused worker process; a replica
+    replaced during the previous test needs a while to start its engine). A child that exits or is a
+    zombie while it is looked at is passed over, not taken for a replica without an engine."""
     deadline = time.monotonic() + timeout_s
     while True:
-        engines = []
+        engines, seen = [], []
         for p in psutil.process_iter(["cmdline"]):
-            if any("ServeReplica:tandem" in part for part in (p.info["cmdline"] or [])):
+            if not any("ServeReplica:tandem" in part for part in (p.info["cmdline"] or [])):
+                continue
+            try:
+                children = p.children(recursive=True)
+            except psutil.Error:
+                continue
+            seen.append(f"{p.pid} {' '.join(p.info['cmdline'])[:80]}")
+            for c in children:
                 try:
-                    engines += [c for c in p.children(recursive=True) if "EngineCore" in " ".join(c.cmdline())]
+                    line, status = " ".join(c.cmdline()), c.status()
                 except psutil.Error:
                     continue
+                seen.append(f"  {c.pid} {status} {line[:80]}")
+                if "EngineCore" in line and status != psutil.STATUS_ZOMBIE:
+                    engines.append(c)
         if engines:
             return max(engines, key=lambda c: c.create_time())
-        assert time.monotonic() < deadline, "no Serve replica with a running engine"
+        assert time.monotonic() < deadline, "no Serve replica with a running engine:\n" + "\n".join(seen)
         time.sleep(1)
 
 
