@@ -71,7 +71,10 @@ def test_tandem_checkpoint_round_trip_and_target_check(workdir):
 
 
 def test_baseline_trains_and_refuses_another_tokenizer(workdir):
-    train(_args(workdir, "baseline", "baseline"))
+    args = _args(workdir, "baseline", "baseline")
+    train(args)
+    schedule = json.loads((workdir / "baseline" / "train_summary.json").read_text())["schedule"]
+    assert (schedule["lr"], schedule["loss"], schedule["ce_fraction"]) == (args.lr, args.loss, args.ce_fraction)
     target = load_causal_lm(workdir / "target")
     assert load_baseline_for(target, workdir / "baseline").identity.vocab_size == target.identity.vocab_size
     texts = list(read_sources(stdlib_files()[40:60]))
