@@ -110,6 +110,8 @@ class TrainArgs:
     # fields that must match when a run is resumed (the rest may change, e.g. eval cadence)
     RUN_IDENTITY = ("kind", "target", "dims", "taps", "block_size", "block_min", "gen_data", "gen_ratio", "seq_len",
                     "batch_size", "grad_accum", "seed")
+    # what a resumed run may change; train_summary.json records the values that ran
+    SCHEDULE = ("steps", "lr", "warmup", "min_lr_ratio", "weight_decay", "loss", "ce_fraction")
 
     def identity(self) -> dict[str, Any]:
         d = asdict(self)

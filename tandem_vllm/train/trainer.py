@@ -552,8 +552,6 @@ def _export(args: TrainArgs, student: Any, tok: Any, metrics: dict[str, float], 
     else:
         student.save_pretrained(args.out)
     tok.save_pretrained(args.out)
-    # the schedule is not part of run.json's identity (a resumed run may change it); record what ran
-    schedule = {k: getattr(args, k) for k in ("lr", "warmup", "min_lr_ratio", "loss", "ce_fraction", "batch_size",
-                                              "grad_accum", "seq_len", "block_min", "block_size", "gen_ratio")}
-    summary = {"kind": args.kind, "steps": args.steps, "schedule": schedule, "eval": metrics, "throughput": throughput}
+    summary = {"kind": args.kind, "steps": args.steps, "schedule": {k: getattr(args, k) for k in args.SCHEDULE},
+               "eval": metrics, "throughput": throughput}
     _atomic_write(args.out / "train_summary.json", json.dumps(summary, indent=2))

@@ -74,8 +74,8 @@ def _engine_of_the_live_replica(psutil, timeout_s: float = 300.0):
     """The engine process of this app's replica: the newest engine under any "ServeReplica:tandem"
     process (the previous module's app had the same name, and its replica process may linger, with
     or without an engine; Ray may also host a new replica in a reused worker process; a replica
-    replaced during the previous test needs a while to start its engine). A child that exits or is a
-    zombie while it is looked at is passed over, not taken for a replica without an engine."""
+    replaced during the previous test needs a while to start its engine). A child that exits while it
+    is looked at, or is a zombie (psutil raises for its cmdline), is passed over on its own."""
     deadline = time.monotonic() + timeout_s
     while True:
         engines, seen = [], []
@@ -93,7 +93,7 @@ def _engine_of_the_live_replica(psutil, timeout_s: float = 300.0):
                 except psutil.Error:
                     continue
                 seen.append(f"  {c.pid} {status} {line[:80]}")
-                if "EngineCore" in line and status != psutil.STATUS_ZOMBIE:
+                if "EngineCore" in line:
                     engines.append(c)
         if engines:
             return max(engines, key=lambda c: c.create_time())
