@@ -55,6 +55,17 @@ class TargetIdentity(BaseModel):
     num_hidden_layers: int = Field(gt=0, description="Target depth; bounds the tap indices.")
     vocab_size: int = Field(gt=0, description="Target vocabulary size; drafts must be target token ids.")
     tokenizer_fingerprint: str = Field(description="sha256 prefix of the target tokenizer's vocabulary.")
+    weights: str | None = Field(
+        default=None,
+        description="Where the weights came from when the target directory records it (an imported GGUF file: its "
+        "name, quantization and sha256); a drafter is refused against other weights of the same model.",
+    )
+
+
+# The config.json ``tandem_config`` block; the rest of TandemConfig is Llama-style dims at the top level.
+# The optional keys are written only when they differ from their defaults.
+OPTIONAL_TANDEM_KEYS: Final = ("draft_vocab_size", "shared_target_weights")
+TANDEM_KEYS: Final = ("tap_layers", "block_size", "target", *OPTIONAL_TANDEM_KEYS)
 
 
 class TandemConfig(BaseModel):
@@ -77,6 +88,16 @@ class TandemConfig(BaseModel):
     tap_layers: tuple[int, ...] = Field(description="l(j): the target tap each drafter layer attends to.")
     block_size: int = Field(default=2, ge=1, description="gamma used in training (block-causal rule).")
     target: TargetIdentity
+    draft_vocab_size: int | None = Field(
+        default=None, gt=0,
+        description="Tokens the drafter can propose (its LM head's rows); None = the whole vocabulary. The ids are "
+        "the checkpoint's `draft_token_ids` tensor (target token ids, most frequent in training first).",
+    )
+    shared_target_weights: bool = Field(
+        default=False,
+        description="The token embedding and LM head are the target's (frozen, not stored in the checkpoint; bound "
+        "when the drafter is loaded beside its target). Needs hidden_size equal to the target's.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TandemConfig:
@@ -100,7 +121,16 @@ class TandemConfig(BaseModel):
             raise ValueError(f"tap_layers {bad} out of range 0..{top} for a {top}-layer target")
         if self.vocab_size != self.target.vocab_size:
             raise ValueError(f"vocab_size={self.vocab_size} differs from the target's {self.target.vocab_size}")
+        if self.draft_vocab_size is not None and self.draft_vocab_size > self.vocab_size:
+            raise ValueError(f"draft_vocab_size={self.draft_vocab_size} exceeds vocab_size={self.vocab_size}")
+        if self.shared_target_weights and self.hidden_size != self.target.hidden_size:
+            raise ValueError(f"shared_target_weights needs hidden_size equal to the target's {self.target.hidden_size}; "
+                             f"got {self.hidden_size}")
         return self
+
+    @property
+    def lm_head_rows(self) -> int:
+        return self.draft_vocab_size or self.vocab_size
 
     @property
     def head_dim(self) -> int:
@@ -108,7 +138,8 @@ class TandemConfig(BaseModel):
 
     # ---- config.json <-> TandemConfig -------------------------------------------------------
     def to_hf_dict(self) -> dict[str, Any]:
-        dims = self.model_dump(exclude={"tap_layers", "block_size", "target"})
+        dims = self.model_dump(exclude=set(TANDEM_KEYS))
+        extra = {k: getattr(self, k) for k in OPTIONAL_TANDEM_KEYS if getattr(self, k) != type(self).model_fields[k].default}
         return {
             "architectures": [ARCHITECTURE],
             "model_type": "llama",
@@ -123,6 +154,7 @@ class TandemConfig(BaseModel):
                 "tap_layers": list(self.tap_layers),
                 "block_size": self.block_size,
                 "target": self.target.model_dump(mode="json"),
+                **extra,
             },
         }
 
@@ -139,7 +171,7 @@ class TandemConfig(BaseModel):
                 f"{source} has tandem_format_version={version}; this tandem-vllm reads version "
                 f"{FORMAT_VERSION}. Re-export the drafter with this version."
             )
-        fields = {k: raw[k] for k in cls.model_fields if k in raw and k not in ("tap_layers", "block_size", "target")}
+        fields = {k: raw[k] for k in cls.model_fields if k in raw and k not in TANDEM_KEYS}
         try:
             return cls(**fields, **raw["tandem_config"])
         except (ValidationError, KeyError, TypeError) as e:
@@ -187,6 +219,17 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+IMPORT_KEY: Final = "tandem_import"  # config.json record written by `tandem-vllm import-gguf`
+
+
+def weights_source(hf_config: Any) -> str | None:
+    """``file quantization sha256:prefix`` of an imported target (config.json's ``tandem_import``), else None."""
+    record = getattr(hf_config, IMPORT_KEY, None)
+    if not isinstance(record, dict):
+        return None
+    return f"{record.get('file')} {record.get('quantization')} sha256:{str(record.get('sha256'))[:16]}"
+
+
 def target_identity(name_or_path: str, hf_config: Any, tokenizer: Any) -> TargetIdentity:
     text = getattr(hf_config, "get_text_config", lambda: hf_config)()
     return TargetIdentity(
@@ -196,17 +239,29 @@ def target_identity(name_or_path: str, hf_config: Any, tokenizer: Any) -> Target
         num_hidden_layers=text.num_hidden_layers,
         vocab_size=text.vocab_size,
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        weights=weights_source(hf_config),
     )
+
+
+IDENTITY_CHECKS: Final = ("hidden_size", "num_hidden_layers", "vocab_size", "tokenizer_fingerprint")
+
+
+def identity_differences(want: Any, got: Any) -> list[str]:
+    """What differs between two target identities (TargetIdentity or its JSON dict) that makes states or
+    token ids of one meaningless for the other; ``weights`` only when both record theirs."""
+    def get(obj: Any, name: str) -> Any:
+        return obj.get(name) if isinstance(obj, dict) else getattr(obj, name)
+
+    diffs = [f"{k} {get(want, k)} != {get(got, k)}" for k in IDENTITY_CHECKS if get(want, k) != get(got, k)]
+    if get(want, "weights") and get(got, "weights") and get(want, "weights") != get(got, "weights"):
+        diffs.append(f"weights {get(want, 'weights')} != {get(got, 'weights')}")
+    return diffs
 
 
 def check_target(cfg: TandemConfig, actual: TargetIdentity, *, drafter_path: str = "the drafter") -> None:
     """Refuse a target the drafter was not trained for: its P_j and token ids would be meaningless."""
     want = cfg.target
-    diffs = [
-        f"{name} {getattr(want, name)} != {getattr(actual, name)}"
-        for name in ("hidden_size", "num_hidden_layers", "vocab_size", "tokenizer_fingerprint")
-        if getattr(want, name) != getattr(actual, name)
-    ]
+    diffs = identity_differences(want, actual)
     if diffs:
         raise TandemError(
             f"{drafter_path} was trained for target {want.name_or_path!r} but got {actual.name_or_path!r} "

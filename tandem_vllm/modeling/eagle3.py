@@ -57,6 +57,8 @@ class Eagle3Config:
     rope_theta: float = 10000.0
     max_position_embeddings: int = 2048
     ttt_steps: int = 3  # draft steps unrolled in training
+    draft_vocab_size: int | None = None  # rows of the LM head (target ids in the checkpoint's d2t); None = all
+    shared_embedding: bool = False  # the target's embedding (frozen; vLLM shares it when the checkpoint has none)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -84,13 +86,13 @@ class Eagle3Config:
             "rope_theta": self.rope_theta,
             "max_position_embeddings": self.max_position_embeddings,
             "vocab_size": self.vocab_size,
-            "draft_vocab_size": self.vocab_size,
+            "draft_vocab_size": self.draft_vocab_size or self.vocab_size,
             "target_hidden_size": self.target_hidden_size,
             "tie_word_embeddings": False,
             "torch_dtype": "float32",
             "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(self.tap_layers), "use_aux_hidden_state": True},
             "fc_norm": True,
-            "tandem_eagle3": {k: v for k, v in asdict(self).items() if k in ("ttt_steps", "tap_layers")}
+            "tandem_eagle3": {k: v for k, v in asdict(self).items() if k in ("ttt_steps", "tap_layers", "shared_embedding")}
             | {"target": self.target.model_dump(mode="json")},
         }
 
@@ -106,6 +108,8 @@ class Eagle3Config:
             target_hidden_size=raw["target_hidden_size"], tap_layers=tuple(extra["tap_layers"]),
             target=TargetIdentity(**extra["target"]), rms_norm_eps=raw["rms_norm_eps"], rope_theta=raw["rope_theta"],
             max_position_embeddings=raw["max_position_embeddings"], ttt_steps=extra["ttt_steps"],
+            draft_vocab_size=None if raw.get("draft_vocab_size", raw["vocab_size"]) == raw["vocab_size"] else raw["draft_vocab_size"],
+            shared_embedding=bool(extra.get("shared_embedding", False)),
         )
 
 
@@ -155,7 +159,40 @@ class Eagle3Head(nn.Module):
         self.fc = nn.Linear(3 * cfg.target_hidden_size, cfg.hidden_size, bias=False)
         self.midlayer = _MidLayer(cfg)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size or cfg.vocab_size, bias=False)
+        if cfg.draft_vocab_size is not None:
+            self.register_buffer("draft_token_ids", torch.arange(cfg.draft_vocab_size))
+        if cfg.shared_embedding:
+            self.embed_tokens.requires_grad_(False)
+        self._bound = not cfg.shared_embedding
+
+    def bind_target(self, target: nn.Module, *, init_head: bool = False) -> Eagle3Head:
+        """The target's embedding (frozen, never saved: vLLM shares it); with ``init_head`` (the start of
+        training) also its LM head's rows of the draft vocabulary as this head's frozen LM head (saved:
+        vLLM loads the head)."""
+        if not self.cfg.shared_embedding:
+            return self
+        embed = target.get_input_embeddings().weight.detach()  # type: ignore[operator]
+        head = target.get_output_embeddings().weight.detach()  # type: ignore[operator]
+        device, dtype = self.norm.weight.device, self.norm.weight.dtype
+        self.embed_tokens.weight = nn.Parameter(embed.to(device, dtype), requires_grad=False)
+        if init_head:
+            rows = head[self.draft_ids().to(head.device)]
+            self.lm_head.weight = nn.Parameter(rows.to(device, dtype).contiguous(), requires_grad=False)
+        self._bound = True
+        return self
+
+    def draft_ids(self) -> Tensor:
+        """(N,) the target token id of each LM-head row."""
+        if self.cfg.draft_vocab_size is None:
+            return torch.arange(self.cfg.vocab_size, device=self.norm.weight.device)
+        return self.get_buffer("draft_token_ids")
+
+    def to_target_vocab(self, logits: Tensor) -> Tensor:
+        """(..., N) -> (..., V), -inf where the head has no row."""
+        if self.cfg.draft_vocab_size is None:
+            return logits
+        return logits.new_full((*logits.shape[:-1], self.cfg.vocab_size), float("-inf")).index_copy(-1, self.draft_ids(), logits)
 
     def fuse(self, taps: Tensor) -> Tensor:
         """(..., 3, Dt) target states at the taps -> (..., D): per-tap RMSNorm, then fc."""
@@ -164,7 +201,7 @@ class Eagle3Head(nn.Module):
     def forward_train(self, tokens: Tensor, taps: Tensor, steps: int | None = None) -> list[Tensor]:
         """Teacher-forced TTT: tokens (B, T), taps (B, T, 3, Dt) the target's states at the tap layers.
 
-        Returns logits per draft step s = 0..S-1, each (B, T, V): entry i of step s predicts token
+        Returns head logits per draft step s = 0..S-1, each (B, T, N): entry i of step s predicts token
         i + s + 2 (entries whose token i + s + 1 lies past the end see padding; mask their loss)."""
         b, t = tokens.shape
         steps = steps or self.cfg.ttt_steps
@@ -200,15 +237,25 @@ class Eagle3Head(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "config.json").write_text(json.dumps(self.cfg.to_hf_dict(), indent=2) + "\n")
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
+                 if k != "draft_token_ids" and not (self.cfg.shared_embedding and k == "embed_tokens.weight")}
+        if self.cfg.draft_vocab_size is not None:  # vLLM's draft-to-target map: target id = draft id + d2t
+            ids = self.draft_ids()
+            state["d2t"] = (ids - torch.arange(len(ids), device=ids.device)).contiguous()
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
 
     @classmethod
     def load(cls, directory: str | Path) -> Eagle3Head:
+        """The head; with ``shared_embedding`` its embedding is bound by ``bind_target`` (pairing.load_eagle3_for)."""
         from safetensors.torch import load_file
 
         head = cls(Eagle3Config.load(directory))
-        head.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)))
+        state = load_file(str(Path(directory) / WEIGHTS_FILE))
+        d2t = state.pop("d2t", None)
+        if d2t is not None:
+            state["draft_token_ids"] = d2t + torch.arange(len(d2t))
+        head.load_state_dict(state, strict=not head.cfg.shared_embedding)
+        head._bound = not head.cfg.shared_embedding
         return head
 
 
@@ -250,7 +297,7 @@ class Eagle3Drafter:
                                            attn_mask=mask)[0]
         r = state + attn.o_proj(a.transpose(0, 1).flatten(1))
         out = r + h.midlayer.mlp(h.midlayer.post_attention_layernorm(r))
-        return h.lm_head(h.norm(out)), out
+        return h.to_target_vocab(h.lm_head(h.norm(out))), out
 
     @torch.no_grad()
     def first_pass(self, next_tokens: Tensor, taps: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from tandem_vllm.config import IMPORT_KEY
 from tandem_vllm.errors import TandemError
 
-IMPORT_KEY: Final = "tandem_import"
 # What transformers' GGUF reader turns into a Llama (SmolLM, Llama 2/3, Mistral files say "llama").
 LLAMA_FAMILY: Final = ("llama",)
 DTYPES: Final = ("float32", "bfloat16", "float16")

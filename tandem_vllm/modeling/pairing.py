@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tandem_vllm.config import check_target
+from tandem_vllm.config import check_target, identity_differences
 from tandem_vllm.errors import TandemError
 from tandem_vllm.modeling.reference import TandemDrafter
 from tandem_vllm.modeling.target import LoadedLM, load_causal_lm
@@ -14,7 +14,7 @@ from tandem_vllm.modeling.target import LoadedLM, load_causal_lm
 def load_tandem_for(target: LoadedLM, path: str | Path, *, device: str = "cpu") -> TandemDrafter:
     drafter = TandemDrafter.load(path, device=device)
     check_target(drafter.cfg, target.identity, drafter_path=str(path))
-    return drafter.to(next(target.model.parameters()).dtype).eval()
+    return drafter.to(next(target.model.parameters()).dtype).bind_target(target.model).eval()
 
 
 def load_baseline_for(target: LoadedLM, path: str | Path, *, device: str = "cpu") -> LoadedLM:
@@ -37,9 +37,8 @@ def load_eagle3_for(target: LoadedLM, path: str | Path) -> Any:
 
     head = Eagle3Head.load(path)
     want, got = head.cfg.target, target.identity
-    diffs = [f"{k} {getattr(want, k)} != {getattr(got, k)}" for k in ("hidden_size", "num_hidden_layers", "vocab_size",
-                                                                       "tokenizer_fingerprint") if getattr(want, k) != getattr(got, k)]
+    diffs = identity_differences(want, got)
     if diffs:
         raise TandemError(f"EAGLE-3 head {path} was trained for target {want.name_or_path!r} but got "
                           f"{got.name_or_path!r} ({'; '.join(diffs)}); train a head for this target")
-    return head.to(next(target.model.parameters()).dtype).eval()
+    return head.to(next(target.model.parameters()).dtype).bind_target(target.model).eval()

@@ -216,9 +216,61 @@ class TandemDrafter(nn.Module):
         self.cfg = cfg
         self.attn_backend = attn_backend  # training form only; decoding always uses SDPA
         self.model = _Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.lm_head_rows, bias=False)
+        if cfg.draft_vocab_size is not None:  # target ids of the head's rows (persistent: saved with the weights)
+            self.register_buffer("draft_token_ids", torch.arange(cfg.draft_vocab_size))
+        if cfg.shared_target_weights:  # bound from the target by bind_target(); frozen and never saved
+            self.model.embed_tokens.requires_grad_(False)
+            self.lm_head.requires_grad_(False)
+        elif cfg.tie_word_embeddings and cfg.draft_vocab_size is None:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self._bound = not cfg.shared_target_weights
+
+    def shared_keys(self) -> set[str]:
+        """State-dict keys that come from the target rather than the checkpoint."""
+        return {"model.embed_tokens.weight", "lm_head.weight"} if self.cfg.shared_target_weights else set()
+
+    def bind_target(self, target: Any) -> TandemDrafter:
+        """Take the embedding and LM head (restricted to the draft vocabulary) from an HF causal LM target:
+        a drafter with ``shared_target_weights`` has no other copy of them."""
+        if not self.cfg.shared_target_weights:
+            return self
+        embed = target.get_input_embeddings().weight.detach()
+        head = target.get_output_embeddings().weight.detach()
+        if tuple(embed.shape) != (self.cfg.vocab_size, self.cfg.hidden_size):
+            raise TandemError(f"the target's embedding is {tuple(embed.shape)}; this drafter shares a "
+                              f"({self.cfg.vocab_size}, {self.cfg.hidden_size}) one")
+        ids = self.draft_ids().to(head.device)
+        dtype, device = self.model.norm.weight.dtype, self.model.norm.weight.device
+        self.model.embed_tokens.weight = nn.Parameter(embed.to(device, dtype), requires_grad=False)
+        self.lm_head.weight = nn.Parameter(head[ids].to(device, dtype).contiguous(), requires_grad=False)
+        self._bound = True
+        return self
+
+    def draft_ids(self) -> Tensor:
+        """(N,) the target token id of each LM-head row."""
+        ids = self.get_buffer("draft_token_ids") if self.cfg.draft_vocab_size is not None else None
+        return ids if ids is not None else torch.arange(self.cfg.vocab_size, device=self.model.norm.weight.device)
+
+    def target_to_draft(self) -> Tensor | None:
+        """(V,) each target token's head row, -1 where the drafter cannot propose it; None = identity."""
+        if self.cfg.draft_vocab_size is None:
+            return None
+        ids = self.draft_ids()
+        t2d = torch.full((self.cfg.vocab_size,), -1, dtype=torch.long, device=ids.device)
+        return t2d.index_copy(0, ids, torch.arange(len(ids), device=ids.device))
+
+    def to_target_vocab(self, logits: Tensor) -> Tensor:
+        """(..., N) head logits -> (..., V) over the target's vocabulary, -inf where the drafter has no row."""
+        if self.cfg.draft_vocab_size is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.cfg.vocab_size), float("-inf"))
+        return full.index_copy(-1, self.draft_ids(), logits)
+
+    def _check_bound(self) -> None:
+        if not self._bound:  # random embedding/head weights would not crash, only draft garbage
+            raise TandemError("this drafter shares the target's embedding and LM head: call bind_target(target) "
+                              "(or load it with load_tandem_for) before using it")
 
     def _rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         return rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, dtype)
@@ -234,8 +286,10 @@ class TandemDrafter(nn.Module):
         tokens (B, T); taps (B, T, Ls, Dt): taps[:, i, j] = target state x^(l(j)) at position i.
         Blocks are fixed (``block_size``, default the trained gamma) unless ``block_starts`` (B, T)
         gives each position's block start, as speculative decoding's variable blocks do.
-        Returns logits (B, T, V); position i predicts token i+1.
+        Returns head logits (B, T, N) -- N = V unless the drafter has a draft vocabulary
+        (``to_target_vocab`` maps them); position i predicts token i+1.
         """
+        self._check_bound()
         b, t = tokens.shape
         positions = torch.arange(t, device=tokens.device).expand(b, t)
         h = self.model.embed_tokens(tokens)  # (B, T, D)
@@ -281,6 +335,7 @@ class TandemDrafter(nn.Module):
 
     def step(self, cache: DrafterCache, tokens: Tensor, positions: Tensor) -> Tensor:
         """Run n own tokens (B, n) of the current block at positions (B, n); returns logits (B, n, V)."""
+        self._check_bound()
         b, n = tokens.shape
         h = self.model.embed_tokens(tokens)
         cos, sin = self._rope(positions, h.dtype)
@@ -293,7 +348,7 @@ class TandemDrafter(nn.Module):
             h, k, v = layer(h, cos, sin, prefix_k, prefix_v, mask[:, None])
             cache.own_k[j] = torch.cat([cache.own_k[j], k], dim=2)
             cache.own_v[j] = torch.cat([cache.own_v[j], v], dim=2)
-        return self.lm_head(self.model.norm(h))
+        return self.to_target_vocab(self.lm_head(self.model.norm(h)))
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
@@ -301,9 +356,9 @@ class TandemDrafter(nn.Module):
 
         directory = Path(directory)
         self.cfg.save(directory)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        if self.cfg.tie_word_embeddings:
-            state.pop("lm_head.weight")
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in self.shared_keys()}
+        if self.cfg.tie_word_embeddings and self.cfg.draft_vocab_size is None:
+            state.pop("lm_head.weight", None)
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
 
     @classmethod
@@ -321,7 +376,8 @@ class TandemDrafter(nn.Module):
             state = load_file(str(path), device=str(device))
         except (SafetensorError, OSError) as e:
             raise TandemError(f"{path} is not a readable safetensors file ({e}); re-export the drafter") from None
-        want = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+        tied = cfg.tie_word_embeddings and cfg.draft_vocab_size is None
+        want = {k for k in model.state_dict() if not (tied and k == "lm_head.weight")} - model.shared_keys()
         missing, unexpected = want - state.keys(), state.keys() - want
         if missing or unexpected:
             raise TandemError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from tandem_vllm.errors import TandemError
 
@@ -84,6 +84,10 @@ class TrainArgs:
     progress: bool = True
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun / Ray Train: replicate the student (DDP) or shard
     # the student and the frozen target across the processes (FSDP2)
+    target_pass: Path | None = None  # train from a `target-pass` directory instead of running the target
+    draft_vocab: int = 0  # > 0: the drafter's head covers the N most frequent training tokens (tandem, eagle3)
+    share_target: bool = False  # the student's embedding and LM head are the target's, frozen (width = target's)
+    init_layers: tuple[int, ...] = ()  # student layer j starts as target layer init_layers[j] (+ the final norm)
 
     def __post_init__(self) -> None:
         if self.kind in ("tandem", "baseline", "eagle3") and self.target is None:
@@ -98,6 +102,18 @@ class TrainArgs:
             raise TandemError(f"--gen-ratio={self.gen_ratio}; it must lie in [0, 1]")
         if self.gen_data and self.kind == "lm":
             raise TandemError("--gen-data trains drafters (--kind tandem or baseline), not --kind lm")
+        if self.target_pass is not None and (self.kind == "lm" or self.gen_data or self.data):
+            raise TandemError("--target-pass is a drafter's whole training data: drop --data and --gen-data (and it "
+                              "trains drafters, not --kind lm)")
+        if self.target_pass is None and not self.data:
+            raise TandemError("pass --data FILES (or --target-pass DIR from `tandem-vllm target-pass`)")
+        if self.draft_vocab < 0 or (self.draft_vocab and self.kind not in ("tandem", "eagle3")):
+            raise TandemError(f"--draft-vocab {self.draft_vocab}: a draft vocabulary is for --kind tandem or eagle3 "
+                              "(vLLM's draft_model method serves a standalone drafter with the whole vocabulary)")
+        if self.init_layers and self.kind not in ("tandem", "baseline"):
+            raise TandemError("--init-layers starts a Llama-shaped drafter (--kind tandem or baseline) from target layers")
+        if self.init_layers and len(self.init_layers) != self.dims.layers:
+            raise TandemError(f"--init-layers names {len(self.init_layers)} target layers for a {self.dims.layers}-layer drafter")
         positive = ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "save_every")
         for name in positive:
             if getattr(self, name) < 1:
@@ -109,14 +125,19 @@ class TrainArgs:
 
     # fields that must match when a run is resumed (the rest may change, e.g. eval cadence)
     RUN_IDENTITY = ("kind", "target", "dims", "taps", "block_size", "block_min", "gen_data", "gen_ratio", "seq_len",
-                    "batch_size", "grad_accum", "seed")
+                    "batch_size", "grad_accum", "seed", "target_pass", "draft_vocab", "share_target", "init_layers")
     # what a resumed run may change; train_summary.json records the values that ran
     SCHEDULE = ("steps", "lr", "warmup", "min_lr_ratio", "weight_decay", "loss", "ce_fraction")
 
     def identity(self) -> dict[str, Any]:
         d = asdict(self)
         d["gen_data"] = [str(p) for p in self.gen_data]
-        return {k: str(d[k]) if isinstance(d[k], Path) else d[k] for k in self.RUN_IDENTITY}
+        d["init_layers"] = list(self.init_layers)
+        ident = {k: str(d[k]) if isinstance(d[k], Path) else d[k] for k in self.RUN_IDENTITY}
+        # runs recorded before these options existed resume as if they had been recorded with the defaults
+        return {k: v for k, v in ident.items() if k not in self.NEWER or v != self.NEWER[k]}
+
+    NEWER: ClassVar[dict[str, Any]] = {"target_pass": None, "draft_vocab": 0, "share_target": False, "init_layers": []}
 
     @property
     def gen_rows(self) -> int:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tandem_vllm.config import TandemConfig, parse_taps
+from tandem_vllm.config import TANDEM_KEYS, TandemConfig, parse_taps
 from tandem_vllm.errors import TandemError
 from tandem_vllm.modeling.eagle3 import Eagle3Head
 from tandem_vllm.modeling.reference import AttnBackend, TandemDrafter, random_block_starts
@@ -33,7 +33,7 @@ from tandem_vllm.progress import progress_bar
 from tandem_vllm.train import distributed
 from tandem_vllm.train.args import VLLM_CPU_HEAD_DIMS, TrainArgs
 from tandem_vllm.train.data import batch_indices, pack, pack_generated, read_texts
-from tandem_vllm.train.loss import ce_loss, distil_loss, tv_distance
+from tandem_vllm.train.loss import TopK, distil_loss, head_ce, head_distil, head_tv, teacher_argmax
 
 CKPT_DIR = "checkpoints"
 
@@ -88,19 +88,22 @@ def _llama(vocab: int, args: TrainArgs, tok: Any) -> Any:
     return LlamaForCausalLM(cfg)
 
 
-def build_student(args: TrainArgs, teacher: LoadedLM | None, tok: Any) -> torch.nn.Module:
+def build_student(args: TrainArgs, teacher: LoadedLM | None, tok: Any, draft_ids: Tensor | None = None) -> torch.nn.Module:
+    """The student at its initial weights. ``draft_ids`` (N,): the target tokens a draft vocabulary keeps."""
     vocab = teacher.identity.vocab_size if teacher else len(tok)
     torch.manual_seed(args.seed)
     if args.kind == "eagle3":
         assert teacher is not None
-        return _eagle3(args, teacher)
+        return _eagle3(args, teacher, draft_ids)
     base = _llama(vocab, args, tok)
+    if teacher is not None and (args.share_target or args.init_layers):
+        _start_from_target(base, teacher, args)
     if args.kind != "tandem":
         return base
     assert teacher is not None
     # the baseline's Llama config is the one source of the drafter dims (and its norm eps / RoPE base)
     llama = base.config.to_dict()
-    dims = {k: llama[k] for k in TandemConfig.model_fields if llama.get(k) is not None and k not in ("tap_layers", "block_size", "target")}
+    dims = {k: llama[k] for k in TandemConfig.model_fields if llama.get(k) is not None and k not in TANDEM_KEYS}
     rope = (llama.get("rope_parameters") or {}).get("rope_theta", llama.get("rope_theta"))
     cfg = TandemConfig(
         **dims,
@@ -108,16 +111,57 @@ def build_student(args: TrainArgs, teacher: LoadedLM | None, tok: Any) -> torch.
         tap_layers=parse_taps(args.taps, args.dims.layers, num_layers(teacher.model)),
         block_size=args.block_size,
         target=teacher.identity,
+        draft_vocab_size=None if draft_ids is None else len(draft_ids),
+        shared_target_weights=args.share_target,
     )
     drafter = TandemDrafter(cfg)
-    drafter.load_state_dict(base.state_dict(), strict=False)  # the baseline's exact init
+    state = base.state_dict()
+    if draft_ids is not None:  # the head keeps the baseline's rows of the tokens it can propose
+        state["lm_head.weight"] = state["lm_head.weight"][draft_ids]
+        drafter.get_buffer("draft_token_ids").copy_(draft_ids)
+    drafter.load_state_dict({k: v for k, v in state.items() if k not in drafter.shared_keys()}, strict=False)  # the baseline's init
+    drafter.bind_target(teacher.model)
     layers: list[Any] = list(drafter.model.layers)
     for layer in layers:
-        torch.nn.init.normal_(layer.ctx_proj.weight, std=0.02)
+        if cfg.hidden_size == cfg.target.hidden_size and args.init_layers:
+            torch.nn.init.eye_(layer.ctx_proj.weight)  # P_j = I: context K/V start as a target layer's own
+        else:
+            torch.nn.init.normal_(layer.ctx_proj.weight, std=0.02)
     return drafter
 
 
-def _eagle3(args: TrainArgs, teacher: LoadedLM) -> Eagle3Head:
+def _start_from_target(base: Any, teacher: LoadedLM, args: TrainArgs) -> None:
+    """The standalone drafter's (and so the Tandem drafter's) initial weights taken from the target:
+    layer j = target layer ``init_layers[j]`` and the final norm; with ``share_target`` the embedding and
+    LM head are the target's and stay frozen (a Tandem drafter does not store them)."""
+    target = teacher.model
+    if base.config.hidden_size != teacher.identity.hidden_size:
+        raise TandemError(f"--share-target / --init-layers need the drafter's width (--hidden {base.config.hidden_size}) "
+                          f"to equal the target's ({teacher.identity.hidden_size})")
+    t_state = target.state_dict()
+    copied: dict[str, Tensor] = {}
+    for j, i in enumerate(args.init_layers):
+        if not 0 <= i < num_layers(target):
+            raise TandemError(f"--init-layers {i}: the target has layers 0..{num_layers(target) - 1}")
+        prefix = f"model.layers.{i}."
+        copied |= {f"model.layers.{j}.{k[len(prefix):]}": v for k, v in t_state.items() if k.startswith(prefix)}
+    if args.init_layers:
+        copied["model.norm.weight"] = t_state["model.norm.weight"]
+    try:
+        base.load_state_dict(copied, strict=False)
+    except RuntimeError as e:
+        raise TandemError(f"--init-layers: the drafter's layer shape differs from the target's ({str(e)[:160]}); use the "
+                          "target's --heads / --kv-heads / --intermediate") from None
+    if args.share_target:
+        base.model.embed_tokens.weight = torch.nn.Parameter(target.get_input_embeddings().weight.detach().clone(),
+                                                            requires_grad=False)
+        base.tie_weights()
+        if base.lm_head.weight is not base.model.embed_tokens.weight:
+            base.lm_head.weight = torch.nn.Parameter(target.get_output_embeddings().weight.detach().clone(),
+                                                     requires_grad=False)
+
+
+def _eagle3(args: TrainArgs, teacher: LoadedLM, draft_ids: Tensor | None) -> Eagle3Head:
     from tandem_vllm.modeling.eagle3 import Eagle3Config, default_taps, init_like_llama
 
     n_layers = num_layers(teacher.model)
@@ -126,9 +170,14 @@ def _eagle3(args: TrainArgs, teacher: LoadedLM) -> Eagle3Head:
     cfg = Eagle3Config(vocab_size=teacher.identity.vocab_size, hidden_size=d.hidden, intermediate_size=d.ffn,
                        num_attention_heads=d.heads, num_key_value_heads=d.kv_heads,
                        target_hidden_size=teacher.identity.hidden_size, tap_layers=taps, target=teacher.identity,
-                       max_position_embeddings=max(2048, args.seq_len), ttt_steps=args.block_size)
+                       max_position_embeddings=max(2048, args.seq_len), ttt_steps=args.block_size,
+                       draft_vocab_size=None if draft_ids is None else len(draft_ids), shared_embedding=args.share_target)
     head = Eagle3Head(cfg)
     init_like_llama(head)
+    if draft_ids is not None:
+        head.get_buffer("draft_token_ids").copy_(draft_ids)
+    if args.share_target:
+        head.bind_target(teacher.model, init_head=True)
     return head
 
 
@@ -151,48 +200,92 @@ class Objective(torch.nn.Module):
     def teacher(self) -> LoadedLM | None:
         return self._teacher[0]
 
-    def forward(self, inp: Tensor, starts: Tensor | None = None, eagle3_steps: int = 1) -> tuple[Any, Tensor | None]:
-        """Student logits (B, T, V) -- a list of one per unrolled draft step for an EAGLE-3 head with
-        ``eagle3_steps`` > 1 -- and the target's logits (B, T, V) when there is a target. ``starts``
-        (B, T): each position's block start for a Tandem student (default: fixed blocks)."""
+    def forward(self, inp: Tensor, starts: Tensor | None = None, eagle3_steps: int = 1,
+                taps: Tensor | None = None) -> tuple[Any, Tensor | None]:
+        """Student head logits (B, T, N) -- a list of one per unrolled draft step for an EAGLE-3 head
+        with ``eagle3_steps`` > 1 -- and the target's logits (B, T, V) when the target runs here.
+        ``starts`` (B, T): each position's block start for a Tandem student (default: fixed blocks).
+        ``taps`` (B, T, Ls, Dt): the student's target states from a target pass (the target does not run)."""
         args, student, teacher = self.args, cast(Any, self.student), self.teacher
-        if teacher is None:
+        t_logits = None
+        if teacher is None or (taps is None and args.kind == "baseline" and args.target_pass is not None):
             return student(input_ids=inp).logits, None
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            t_out = teacher.model(input_ids=inp, output_hidden_states=args.kind in ("tandem", "eagle3"))
-        if inp.is_cuda:
-            torch.cuda.synchronize(inp.device)
-        self.target_s += time.perf_counter() - t0
+        if taps is None and args.target_pass is None:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                t_out = teacher.model(input_ids=inp, output_hidden_states=args.kind in ("tandem", "eagle3"))
+            if inp.is_cuda:
+                torch.cuda.synchronize(inp.device)
+            self.target_s += time.perf_counter() - t0
+            t_logits = t_out.logits
+            if args.kind in ("tandem", "eagle3"):
+                taps = hidden_taps(t_out.hidden_states, student.cfg.tap_layers)
         if args.kind == "tandem":
-            taps = hidden_taps(t_out.hidden_states, student.cfg.tap_layers)
-            return student.forward_train(inp, taps, args.block_size, block_starts=starts), t_out.logits
+            return student.forward_train(inp, taps, args.block_size, block_starts=starts), t_logits
         if args.kind == "eagle3":
-            steps = student.forward_train(inp, hidden_taps(t_out.hidden_states, student.cfg.tap_layers), steps=eagle3_steps)
+            steps = student.forward_train(inp, taps, steps=eagle3_steps)
             if eagle3_steps > 1:
-                return steps, t_out.logits
-            # draft step 0, aligned: entry i-1 predicts token i+1 like position i
-            return torch.cat([t_out.logits[:, :1], steps[0][:, :-1]], dim=1), t_out.logits
-        return student(input_ids=inp).logits, t_out.logits
+                return steps, t_logits
+            # draft step 0, aligned: entry i-1 predicts token i+1 like position i (entry 0 has none: zeros)
+            return torch.cat([torch.zeros_like(steps[0][:, :1]), steps[0][:, :-1]], dim=1), t_logits
+        return student(input_ids=inp).logits, t_logits
 
 
-def _loss(args: TrainArgs, model: torch.nn.Module, inp: Tensor, lab: Tensor, mask: Tensor, starts: Tensor | None,
-          distil: bool, weigh: Weigh) -> Tensor:
+@dataclass(frozen=True)
+class Batch:
+    """One micro-batch on this rank. ``taps`` / ``topk`` come from a target pass (else the target runs)."""
+
+    inp: Tensor  # (B, T)
+    lab: Tensor  # (B, T)
+    mask: Tensor  # (B, T) 1 = a label the loss scores
+    starts: Tensor | None = None  # (B, T) Tandem block starts
+    taps: Tensor | None = None  # (B, T, Ls, Dt)
+    topk: TopK | None = None
+
+
+@dataclass(frozen=True)
+class Head:
+    """How the student's head rows map to target tokens (identity without a draft vocabulary)."""
+
+    t2d: Tensor | None = None  # (V,) target id -> head row, -1 = none
+    d2t: Tensor | None = None  # (N,) head row -> target id
+
+    @classmethod
+    def of(cls, student: Any) -> Head:
+        if getattr(getattr(student, "cfg", None), "draft_vocab_size", None) is None:
+            return cls()
+        d2t = student.draft_ids()
+        t2d = torch.full((student.cfg.vocab_size,), -1, dtype=torch.long, device=d2t.device)
+        return cls(t2d=t2d.index_copy(0, d2t, torch.arange(len(d2t), device=d2t.device)), d2t=d2t)
+
+    def to_target(self, rows: Tensor) -> Tensor:
+        return rows if self.d2t is None else self.d2t[rows]
+
+
+def _objective(logits: Tensor, teacher: Any, lab: Tensor, mask: Tensor, distil: bool, head: Head) -> Tensor:
+    if distil and teacher is not None:
+        if isinstance(teacher, Tensor) and head.t2d is None:
+            return distil_loss(logits, teacher, lab, mask)
+        return head_distil(logits, teacher, lab, mask, head.t2d, head.d2t)
+    return head_ce(logits, lab, mask, head.t2d)
+
+
+def _loss(args: TrainArgs, model: torch.nn.Module, b: Batch, distil: bool, weigh: Weigh, head: Head) -> Tensor:
     """One micro-batch's loss. An EAGLE-3 head's is the mean over its unrolled draft steps s: step s
     at entry i predicts token i + s + 2, i.e. label i + s + 1, against the target's logits there."""
     if args.kind == "eagle3":
-        steps, t_logits = model(inp, eagle3_steps=args.block_size)
-        assert t_logits is not None
-        t = inp.shape[1]
+        steps, t_logits = model(b.inp, eagle3_steps=args.block_size, taps=b.taps)
+        teacher = b.topk if b.topk is not None else t_logits
+        assert teacher is not None
+        t = b.inp.shape[1]
         losses = []
         for s, logits in enumerate(steps):
             sh = s + 1
-            lg, y, m, tl = logits[:, : t - sh], lab[:, sh:], mask[:, sh:], t_logits[:, sh:]
-            losses.append(weigh(distil_loss(lg, tl, y, m) if distil else ce_loss(lg, y, m), m))
+            lg, y, m = logits[:, : t - sh], b.lab[:, sh:], b.mask[:, sh:]
+            losses.append(weigh(_objective(lg, teacher[:, sh:], y, m, distil, head), m))
         return torch.stack(losses).mean()
-    logits, t_logits = model(inp, starts)
-    loss = distil_loss(logits, t_logits, lab, mask) if distil and t_logits is not None else ce_loss(logits, lab, mask)
-    return weigh(loss, mask)
+    logits, t_logits = model(b.inp, b.starts, taps=b.taps)
+    return weigh(_objective(logits, b.topk if b.topk is not None else t_logits, b.lab, b.mask, distil, head), b.mask)
 
 
 def _block_starts(args: TrainArgs, batch: int, seq_len: int, step: int, micro: int, device: torch.device) -> Tensor | None:
@@ -204,31 +297,49 @@ def _block_starts(args: TrainArgs, batch: int, seq_len: int, step: int, micro: i
 
 
 @torch.no_grad()
-def evaluate(args: TrainArgs, model: Objective, rows: Tensor, device: torch.device, masks: Tensor | None = None) -> dict[str, float]:
-    """Held-out next-token accuracy and CE; with a teacher also agreement with its argmax and TV.
-    ``masks`` (N, T): score only these labels (generated data: the completions). Every rank scores
-    the same rows (FSDP2 needs them all in each forward)."""
+def evaluate(args: TrainArgs, model: Objective, batches: list[Batch], head: Head) -> dict[str, float]:
+    """Held-out next-token accuracy and CE; with a teacher also agreement with its argmax and TV. Every
+    rank scores the same rows (FSDP2 needs them all in each forward)."""
     model.eval()
     sums: dict[str, float] = {}
     n = 0.0
-    for i in range(0, min(len(rows), args.eval_batches * args.batch_size), args.batch_size):
-        batch = rows[i : i + args.batch_size].to(device)
-        inp, lab = batch[:, :-1], batch[:, 1:]
-        logits, t_logits = model(inp)
-        mask = torch.ones_like(lab) if masks is None else masks[i : i + args.batch_size].to(device)
+    vocab = None if model.teacher is None else model.teacher.identity.vocab_size
+    for b in batches:
+        logits, t_logits = model(b.inp, taps=b.taps)
+        teacher = b.topk if b.topk is not None else t_logits
+        mask = b.mask
         if args.kind == "eagle3":  # position 0 has no earlier verified state to draft from
             mask = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, 1:]], dim=1)
         m = mask.float()
-        pred = logits.argmax(-1)
-        parts = {"ce": ce_loss(logits, lab, mask).item(), "accuracy": ((pred == lab).float() * m).sum().item() / m.sum().item()}
-        if t_logits is not None:
-            parts["agreement"] = ((pred == t_logits.argmax(-1)).float() * m).sum().item() / m.sum().item()
-            parts["tv"] = (tv_distance(logits, t_logits) * m).sum().item() / m.sum().item()
+        pred = head.to_target(logits.argmax(-1))
+        parts = {"ce": head_ce(logits, b.lab, mask, head.t2d).item(),
+                 "accuracy": ((pred == b.lab).float() * m).sum().item() / m.sum().item()}
+        if teacher is not None and vocab is not None:
+            parts["agreement"] = ((pred == teacher_argmax(teacher)).float() * m).sum().item() / m.sum().item()
+            parts["tv"] = (head_tv(logits, teacher, vocab, head.d2t) * m).sum().item() / m.sum().item()
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v * m.sum().item()
         n += m.sum().item()
     model.train()
     return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def _row_batches(args: TrainArgs, rows: Tensor, device: torch.device, masks: Tensor | None = None) -> list[Batch]:
+    """Held-out rows (N, T+1) as evaluation batches; ``masks`` (N, T): score only these labels."""
+    out = []
+    for i in range(0, min(len(rows), args.eval_batches * args.batch_size), args.batch_size):
+        batch = rows[i : i + args.batch_size].to(device)
+        mask = torch.ones_like(batch[:, 1:]) if masks is None else masks[i : i + args.batch_size].to(device)
+        out.append(Batch(inp=batch[:, :-1], lab=batch[:, 1:], mask=mask))
+    return out
+
+
+def _pass_batch(data: Any, idx: np.ndarray, taps: tuple[int, ...], device: torch.device) -> Batch:
+    got = data.batch(idx, taps)
+    tokens = got["tokens"].to(device)
+    return Batch(inp=tokens[:, :-1], lab=tokens[:, 1:], mask=got["mask"].to(device),
+                 taps=got["taps"].to(device) if taps else None,
+                 topk=TopK(got["topk_ids"].to(device), got["topk_logp"].to(device)))
 
 
 def _generated_rows(args: TrainArgs, teacher: LoadedLM | None, tok: Any) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
@@ -287,7 +398,7 @@ def _train(args: TrainArgs, world: distributed.World, stop_after: int | None) ->
     if args.batch_size < world.size:
         raise TandemError(f"--batch-size {args.batch_size} is the global micro-batch, shared by {world.size} "
                           f"processes: give every process at least one row (--batch-size >= {world.size})")
-    docs = read_texts(args.data)  # bad data fails fast, before any model is loaded
+    docs = read_texts(args.data) if args.data else []  # bad data fails fast, before any model is loaded
     eval_docs = read_texts(args.eval_data) if args.eval_data else None
     device = resolve_device(distributed.device_for(world, args.device))
     bf16 = _use_bf16(args, device)
@@ -302,17 +413,10 @@ def _train(args: TrainArgs, world: distributed.World, stop_after: int | None) ->
         tok = teacher.tokenizer
     else:
         tok = _load_tokenizer(args.tokenizer or args.target)
-    rows = pack(docs, tok, args.seq_len)
-    if eval_docs:
-        eval_rows = pack(eval_docs, tok, args.seq_len)
-    else:
-        n_eval = max(1, len(rows) // 20)
-        if len(rows) - n_eval < 1:
-            raise TandemError(f"data packs into {len(rows)} sequence(s); need 2+ to hold one out (or pass --eval-data)")
-        rows, eval_rows = rows[:-n_eval], rows[-n_eval:]
-
-    generated = _generated_rows(args, teacher, tok)
-    student = build_student(args, teacher, tok).to(device)
+    source = _Source(args, teacher, tok, docs, eval_docs, device)
+    student = build_student(args, teacher, tok, source.draft_ids(args)).to(device)
+    source.bind(getattr(getattr(student, "cfg", None), "tap_layers", ()) if args.kind != "baseline" else ())
+    head = Head.of(student)
     if args.attn == "flex" and device.type != "cuda":
         raise TandemError("--attn flex trains on CUDA only (flex attention has no CPU backward); use --attn sdpa")
     if isinstance(student, TandemDrafter):
@@ -336,25 +440,15 @@ def _train(args: TrainArgs, world: distributed.World, stop_after: int | None) ->
 
     clock = _Clock(device)
     metrics: dict[str, float] = {}
-    n_gen = args.gen_rows
     for step in range(start, args.steps):
         distil = teacher is not None and args.loss == "distil" and step >= args.ce_fraction * args.steps
         total = 0.0
         clock.start(core)
         for micro in range(args.grad_accum):
-            idx = batch_indices(len(rows), args.batch_size - n_gen, step, micro, args.grad_accum, args.seed)
-            batch, mask = rows[torch.from_numpy(idx)], torch.ones(len(idx), args.seq_len, dtype=torch.long)
-            if generated is not None and n_gen:
-                g_idx = torch.from_numpy(batch_indices(len(generated[0]), n_gen, step, micro, args.grad_accum, args.seed + 1))
-                batch, mask = torch.cat([batch, generated[0][g_idx]]), torch.cat([mask, generated[1][g_idx]])
-            starts = _block_starts(args, len(batch), args.seq_len, step, micro, device)
-            mine = world.share(len(batch))  # the global micro-batch is the same on every rank; keep this rank's rows
-            batch, mask = batch[mine].to(device), mask[mine].to(device)
-            starts = starts[mine] if starts is not None else None
-            inp, lab = batch[:, :-1], batch[:, 1:]
+            b = source.train_batch(step, micro, world)
             with distributed.sync_gradients(model, world, args.parallel, micro == args.grad_accum - 1), \
                     torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = _loss(args, model, inp, lab, mask, starts, distil, weigh)
+                loss = _loss(args, model, b, distil, weigh, head)
                 (loss / args.grad_accum).backward()
             total += loss.item() / args.grad_accum
         total = distributed.all_sum(world, total, device) / world.size  # each rank's share of the global mean
@@ -368,7 +462,7 @@ def _train(args: TrainArgs, world: distributed.World, stop_after: int | None) ->
         done = step + 1
         record: dict[str, Any] = {"step": done, "loss": total, "lr": sched.get_last_lr()[0], **clock.last}
         if done % args.eval_every == 0 or done == args.steps:
-            metrics = _evaluate_all(args, core, eval_rows, generated, device)
+            metrics = _evaluate_all(args, core, source, head)
             record["eval"] = metrics
             bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if log is not None:
@@ -385,12 +479,12 @@ def _train(args: TrainArgs, world: distributed.World, stop_after: int | None) ->
     if log is not None:
         log.close()
     if not metrics:
-        metrics = _evaluate_all(args, core, eval_rows, generated, device)
+        metrics = _evaluate_all(args, core, source, head)
     throughput = clock.summary(world, args)
     if args.parallel == "fsdp" and world.distributed:
         full, _ = distributed.full_state(core)  # every rank gathers; rank 0 exports an unsharded copy
         if world.main:
-            student = build_student(args, teacher, tok)
+            student = build_student(args, teacher, tok, source.draft_ids(args))
             student.load_state_dict(_strip(full, "student."))
     if world.main:
         _export(args, student.float(), tok, metrics, throughput)
@@ -452,12 +546,94 @@ class _Clock:
                 "steps_timed": round(self.seconds, 2)}
 
 
-def _evaluate_all(args: TrainArgs, model: Objective, eval_rows: Tensor, generated: Any, device: torch.device) -> dict[str, float]:
-    """Held-out metrics on natural text, and (prefixed ``gen_``) on held-out generated sequences."""
-    metrics = evaluate(args, model, eval_rows, device)
-    if generated is not None:
-        metrics |= {f"gen_{k}": v for k, v in evaluate(args, model, generated[2], device, generated[3]).items()}
+def _evaluate_all(args: TrainArgs, model: Objective, source: _Source, head: Head) -> dict[str, float]:
+    """Held-out metrics on natural text, and (prefixed ``gen_``) on held-out generated sequences (a target
+    pass is generated sequences only)."""
+    metrics = evaluate(args, model, source.eval_text, head) if source.eval_text else {}
+    if source.eval_gen:
+        metrics |= {f"gen_{k}": v for k, v in evaluate(args, model, source.eval_gen, head).items()}
     return metrics
+
+
+class _Source:
+    """Where the training rows come from: natural text and generated sequences (the target runs in the
+    step), or a target pass (rows, taps and top-k read from disk). Batches are pure functions of
+    (seed, step, micro), so a resumed run sees the batches an uninterrupted one would."""
+
+    def __init__(self, args: TrainArgs, teacher: LoadedLM | None, tok: Any, docs: list[str],
+                 eval_docs: list[str] | None, device: torch.device) -> None:
+        self.args, self.device = args, device
+        self.taps: tuple[int, ...] = ()
+        self.eval_text: list[Batch] = []
+        self.eval_gen: list[Batch] = []
+        if args.target_pass is not None:
+            from tandem_vllm.train.target_pass import PassData
+
+            assert teacher is not None
+            self.data = PassData(args.target_pass, teacher.identity)
+            order = np.random.default_rng([args.seed, 2]).permutation(len(self.data))
+            n_eval = max(1, len(order) // 20)
+            if len(order) - n_eval < 1:
+                raise TandemError(f"--target-pass {args.target_pass} holds {len(order)} row(s); need 2+ to hold one out")
+            self.train_idx, self.eval_idx = order[:-n_eval], order[-n_eval:]
+            return
+        self.rows = pack(docs, tok, args.seq_len)
+        if eval_docs:
+            eval_rows = pack(eval_docs, tok, args.seq_len)
+        else:
+            n_eval = max(1, len(self.rows) // 20)
+            if len(self.rows) - n_eval < 1:
+                raise TandemError(f"data packs into {len(self.rows)} sequence(s); need 2+ to hold one out (or pass --eval-data)")
+            self.rows, eval_rows = self.rows[:-n_eval], self.rows[-n_eval:]
+        self.eval_text = _row_batches(args, eval_rows, device)
+        self.generated = _generated_rows(args, teacher, tok)
+        if self.generated is not None:
+            self.eval_gen = _row_batches(args, self.generated[2], device, self.generated[3])
+
+    def draft_ids(self, args: TrainArgs) -> Tensor | None:
+        """The ``draft_vocab`` most frequent label tokens of the training rows, most frequent first."""
+        if not args.draft_vocab:
+            return None
+        if args.target_pass is None:
+            raise TandemError("--draft-vocab picks the most frequent tokens of a target pass; pass --target-pass")
+        counts = self.data.label_counts(self.train_idx)
+        if args.draft_vocab > len(counts):
+            raise TandemError(f"--draft-vocab {args.draft_vocab} exceeds the vocabulary ({len(counts)})")
+        order = np.lexsort((np.arange(len(counts)), -counts))  # by count, then by id
+        return torch.from_numpy(order[: args.draft_vocab].copy())
+
+    def bind(self, taps: tuple[int, ...]) -> None:
+        """The student's taps are known: check the pass holds them and cut the held-out batches."""
+        if self.args.target_pass is None:
+            return
+        self.taps = taps
+        missing = sorted(set(taps) - set(self.data.taps))
+        if missing:
+            raise TandemError(f"--target-pass {self.args.target_pass} stores taps {list(self.data.taps)}; this drafter "
+                              f"reads {missing} too: run target-pass with them (--taps) into another directory")
+        n = self.args.eval_batches * self.args.batch_size
+        idx = self.eval_idx[:n]
+        self.eval_gen = [_pass_batch(self.data, idx[i : i + self.args.batch_size], taps, self.device)
+                         for i in range(0, len(idx), self.args.batch_size)]
+
+    def train_batch(self, step: int, micro: int, world: distributed.World) -> Batch:
+        args = self.args
+        if args.target_pass is not None:
+            pos = batch_indices(len(self.train_idx), args.batch_size, step, micro, args.grad_accum, args.seed)
+            idx = self.train_idx[pos][world.share(len(pos))]
+            b = _pass_batch(self.data, idx, self.taps, self.device)
+            starts = _block_starts(args, len(pos), args.seq_len, step, micro, self.device)
+            return replace(b, starts=starts[world.share(len(pos))] if starts is not None else None)
+        n_gen = args.gen_rows
+        idx = batch_indices(len(self.rows), args.batch_size - n_gen, step, micro, args.grad_accum, args.seed)
+        batch, mask = self.rows[torch.from_numpy(idx)], torch.ones(len(idx), args.seq_len, dtype=torch.long)
+        if self.generated is not None and n_gen:
+            g_idx = torch.from_numpy(batch_indices(len(self.generated[0]), n_gen, step, micro, args.grad_accum, args.seed + 1))
+            batch, mask = torch.cat([batch, self.generated[0][g_idx]]), torch.cat([mask, self.generated[1][g_idx]])
+        starts = _block_starts(args, len(batch), args.seq_len, step, micro, self.device)
+        mine = world.share(len(batch))  # the global micro-batch is the same on every rank; keep this rank's rows
+        batch, mask = batch[mine].to(self.device), mask[mine].to(self.device)
+        return Batch(inp=batch[:, :-1], lab=batch[:, 1:], mask=mask, starts=starts[mine] if starts is not None else None)
 
 
 def _load_tokenizer(path: Path | None) -> Any:
@@ -492,7 +668,8 @@ def _prepare_run_dir(args: TrainArgs, world: distributed.World, ckpts: Path, cor
     if not latest.exists():
         raise TandemError(f"--resume: {args.out} has no checkpoint to resume; drop --resume to start a run")
     saved = json.loads((args.out / "run.json").read_text())
-    diffs = [k for k, v in args.identity().items() if saved.get(k) != v]
+    mine, newer = args.identity(), TrainArgs.NEWER
+    diffs = [k for k in TrainArgs.RUN_IDENTITY if saved.get(k, newer.get(k)) != mine.get(k, newer.get(k))]
     if diffs:
         raise TandemError(f"--resume: {', '.join(diffs)} differ from the run in {args.out}; resume with the same settings")
     from safetensors.torch import load_file
