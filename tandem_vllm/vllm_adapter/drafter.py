@@ -103,7 +103,10 @@ class TandemDrafterModel(nn.Module):
         super().__init__()
         hf = vllm_config.model_config.hf_config
         self.tandem = TandemConfig.load(vllm_config.model_config.model)
-        self.embed_tokens = VocabParallelEmbedding(hf.vocab_size, hf.hidden_size, prefix=f"{prefix}.embed_tokens")
+        # a drafter sharing the target's embedding gets it from bind_target_weights() after loading
+        self.embed_tokens: nn.Module | None = None
+        if not self.tandem.shared_target_weights:
+            self.embed_tokens = VocabParallelEmbedding(hf.vocab_size, hf.hidden_size, prefix=f"{prefix}.embed_tokens")
         self.layers = nn.ModuleList(
             TandemDecoderLayer(
                 vllm_config=vllm_config,
@@ -150,6 +153,7 @@ class TandemDrafterModel(nn.Module):
             layer.write_context(positions, slots, taps[self.tap_slot[j]])
 
     def forward(self, input_ids: Tensor, positions: Tensor, context: TandemContext | None = None) -> Tensor:
+        assert self.embed_tokens is not None, "bind_target_weights() must run before the first forward"
         h = self.embed_tokens(input_ids)  # (T, D)
         residual = None
         taps = None if context is None else self._split_taps(context.states)
@@ -172,12 +176,37 @@ class TandemDrafterForCausalLM(nn.Module):
         hf = vllm_config.model_config.hf_config
         self.config = hf
         self.model = TandemDrafterModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
-        self.lm_head = ParallelLMHead(hf.vocab_size, hf.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
-        if hf.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
-        self.logits_processor = LogitsProcessor(hf.vocab_size)
+        tandem = self.model.tandem
+        self.vocab_size, rows = hf.vocab_size, tandem.lm_head_rows
+        if tandem.shared_target_weights:
+            if vllm_config.parallel_config.tensor_parallel_size > 1:
+                raise ValueError("a drafter sharing the target's embedding and LM head serves with "
+                                 "tensor_parallel_size 1 (the target's head is split across ranks)")
+            self.lm_head: nn.Module | None = None  # the target's rows of the draft vocabulary: head_weight
+            self.register_buffer("head_weight", torch.empty(0), persistent=False)
+        else:
+            self.lm_head = ParallelLMHead(rows, hf.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
+            if hf.tie_word_embeddings and tandem.draft_vocab_size is None:
+                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)  # type: ignore[operator]
+        self.logits_processor = LogitsProcessor(rows)
+        if tandem.draft_vocab_size is not None:  # target id of each head row, loaded from the checkpoint
+            self.register_buffer("draft_token_ids", torch.zeros(rows, dtype=torch.long))
+        else:
+            self.draft_token_ids: Tensor | None = None
+
+    def bind_target_weights(self, target_language_model: nn.Module) -> None:
+        """The target's embedding module and its LM head's rows of the draft vocabulary (a drafter with
+        ``shared_target_weights`` stores neither). Runs after loading, before the first forward."""
+        if not self.model.tandem.shared_target_weights:
+            return
+        lm: Any = target_language_model
+        self.model.embed_tokens = lm.model.embed_tokens
+        head = lm.lm_head.weight[: self.vocab_size]  # a padded vocabulary's extra rows are never drafted
+        ids = self.draft_token_ids if self.draft_token_ids is not None else torch.arange(self.vocab_size, device=head.device)
+        self.head_weight = head[ids.to(head.device)].contiguous()
 
     def embed_input_ids(self, input_ids: Tensor) -> Tensor:
+        assert self.model.embed_tokens is not None, "bind_target_weights() must run before the first forward"
         return self.model.embed_tokens(input_ids)
 
     def forward(
@@ -192,7 +221,18 @@ class TandemDrafterForCausalLM(nn.Module):
         return self.model(input_ids, positions, tandem_context)
 
     def compute_logits(self, hidden_states: Tensor) -> Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
+        """(T, V) logits; a draft vocabulary's rows are scattered into the target's, -inf elsewhere
+        (as vLLM's EAGLE-3 does), so sampling and the rejection sampler see the target's vocabulary."""
+        if self.lm_head is None:
+            logits = torch.nn.functional.linear(hidden_states, self.head_weight)  # (T, N)
+        else:
+            logits = self.logits_processor(self.lm_head, hidden_states)
+            if logits is None:  # not the last pipeline rank
+                return None
+        if self.draft_token_ids is None:
+            return logits
+        full = logits.new_full((logits.shape[0], self.vocab_size), float("-inf"))
+        return full.index_copy_(1, self.draft_token_ids, logits)
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
         # Unknown names raise in the loader and vLLM raises on any parameter left unloaded (a tied

@@ -171,6 +171,7 @@ class TandemProposer(DraftModelProposer):
         language_model: Any = getattr(target_model, "get_language_model", lambda: target_model)()
         norm = language_model.model.norm
         self.model.model.bind_target_norm(norm.weight, norm.variance_epsilon)
+        self.model.bind_target_weights(language_model)
 
     def propose(self, *args: Any, **kwargs: Any) -> Any:
         """vLLM's drafting, with the router scoring every pass's logits when the drafter has one; a
