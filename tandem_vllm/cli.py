@@ -53,7 +53,8 @@ def _target_pass(a: argparse.Namespace) -> None:
     from tandem_vllm.train.target_pass import PassSettings, run
 
     settings = PassSettings(target=a.target, gen_data=tuple(a.gen_data), out=a.out, taps=tuple(a.taps), top_k=a.top_k,
-                            seq_len=a.seq_len, shard_rows=a.shard_rows, batch_size=a.batch_size, device=a.device)
+                            seq_len=a.seq_len, shard_rows=a.shard_rows, batch_size=a.batch_size, max_rows=a.max_rows,
+                            device=a.device)
     done = run(settings)
     print(json.dumps({"out": str(a.out), "rows": done["rows"], "shards": done["shards"], "pass": done.get("pass")}))
 
@@ -218,6 +219,25 @@ def _bench_engine(a: argparse.Namespace) -> None:
 def _bench_engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     return dict(dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=max(a.batch_sizes),
                 kv_cache_memory_bytes=a.kv_cache_mib * 2**20, enforce_eager=True, seed=0)
+
+
+def _bench_suite(a: argparse.Namespace) -> None:
+    from tandem_vllm.bench import suite
+
+    paths = {k: getattr(a, k) for k in ("target", "tandem", "baseline", "eagle3", "tandem_router")}
+    if a.pair:
+        from tandem_vllm.demo.build import build
+
+        manifest = build(a.pair, progress=True)
+        paths = {k: paths[k] or manifest.get(k) for k in paths}
+    if not paths["target"] or not paths["tandem"]:
+        raise TandemError("bench suite needs --pair, or --target and --tandem (and any of --baseline, --eagle3)")
+    s = suite.Suite(**paths, out=a.out, sets=tuple(a.sets.split(",")), ks=tuple(a.k), temperatures=tuple(a.temperatures),
+                    batch_sizes=tuple(a.batch_sizes), num_prompts=a.num_prompts, max_tokens=a.max_tokens, repeat=a.repeat)
+    engine_kwargs = dict(dtype="float32", max_model_len=a.max_model_len, max_num_seqs=max(a.batch_sizes),
+                         kv_cache_memory_bytes=a.kv_cache_mib * 2**20, enforce_eager=True, seed=0)
+    records = suite.run(s, engine_kwargs)
+    print((a.out / "summary.md").read_text() if records else "nothing measured")
 
 
 def _bench_schedule(a: argparse.Namespace) -> None:
@@ -441,6 +461,7 @@ def parser() -> argparse.ArgumentParser:
     tp.add_argument("--seq-len", type=int, default=256, help="row length (the trainer's --seq-len)")
     tp.add_argument("--shard-rows", type=int, default=256)
     tp.add_argument("--batch-size", type=int, default=8)
+    tp.add_argument("--max-rows", type=int, default=0, help="only the first N rows (0: all)")
     tp.add_argument("--device", default="auto")
     tp.set_defaults(func=_target_pass)
 
@@ -514,6 +535,27 @@ def parser() -> argparse.ArgumentParser:
                     help="record every engine step's phases (schedule, target forward, sampler, drafting...) into DIR "
                          "and add a table of where each step's time went")
     be.set_defaults(func=_bench_engine)
+
+    bsu = b.add_parser("suite", help="MT-Bench (turns 1 and 2) and HumanEval: every drafter, k and temperature, "
+                       "through vLLM", description="Rows target alone, n-gram, standalone, EAGLE-3 and Tandem on the "
+                       "demo pair given by --pair (or the drafters given one by one), written to --out.")
+    bsu.add_argument("--pair", choices=["real", "bench", "ci"], help="a demo pair (built or reused)")
+    bsu.add_argument("--target")
+    bsu.add_argument("--tandem")
+    bsu.add_argument("--baseline")
+    bsu.add_argument("--eagle3")
+    bsu.add_argument("--tandem-router")
+    bsu.add_argument("--out", type=Path, required=True, help="report directory (one file per configuration; rerun resumes)")
+    bsu.add_argument("--sets", default="mtbench,mtbench2,humaneval")
+    bsu.add_argument("--k", type=_int_list, default=[3, 5])
+    bsu.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    bsu.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 16])
+    bsu.add_argument("--num-prompts", type=int, default=16, help="the first N prompts of each set")
+    bsu.add_argument("--max-tokens", type=int, default=128)
+    bsu.add_argument("--repeat", type=int, default=1)
+    bsu.add_argument("--max-model-len", type=int, default=2048)
+    bsu.add_argument("--kv-cache-mib", type=int, default=1024)
+    bsu.set_defaults(func=_bench_suite)
 
     bsc = b.add_parser("schedule", help="measure how many tokens to draft at each batch size (vLLM's dynamic-K schedule)",
                       description="Target alone and the drafter at k = 1..--max-k, every batch size, one run; writes "

@@ -65,9 +65,10 @@ def first_turns(name: str) -> list[list[dict[str, str]]]:
 
 
 def second_turns(first_answers: list[str]) -> list[list[dict[str, str]]]:
-    """MT-Bench turn 2: turn 1, the target's own turn-1 answer, then the second question."""
+    """MT-Bench turn 2 of the first ``len(first_answers)`` questions: turn 1, the target's own turn-1
+    answer, then the second question."""
     questions = mtbench_questions()
-    if len(first_answers) != len(questions):
+    if len(first_answers) > len(questions):
         raise TandemError(f"{len(first_answers)} turn-1 answers for {len(questions)} MT-Bench questions")
     return [[{"role": "user", "content": q["turns"][0]}, {"role": "assistant", "content": a},
              {"role": "user", "content": q["turns"][1]}] for q, a in zip(questions, first_answers)]

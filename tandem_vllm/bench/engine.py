@@ -37,7 +37,7 @@ from tandem_vllm.bench import steps
 from tandem_vllm.bench.measure import Streamed, closed_loop, latency_summary, measure
 from tandem_vllm.errors import TandemError
 from tandem_vllm.progress import progress_bar
-from tandem_vllm.vllm_adapter.engine import async_engine, spec_counters
+from tandem_vllm.vllm_adapter.engine import async_engine, spec_metrics
 from tandem_vllm.vllm_adapter.guards import ENV as GUARDS_ENV
 from tandem_vllm.vllm_adapter.guards import server_defaults
 
@@ -119,6 +119,7 @@ class Cell:
     outputs: list[list[int]] = field(default_factory=list, repr=False)
     window: tuple[float, float] = (0.0, 0.0)  # wall clock (time.time()) of the measured pass
     steps: dict[str, float] | None = None  # where each engine step's time went (--step-times)
+    accepted_per_pos: list[float] | None = None  # share of drafting steps whose draft i was accepted (vLLM's counter)
 
 
 def rows_for(
@@ -172,15 +173,21 @@ async def _engine_stream(engine: Any, prompt: str, params: Any) -> AsyncIterator
 
 async def _cell(row: Row, one: Any, prompts: list[Prompt], batch_size: int) -> Cell:
     """One closed-loop pass over the prompts with batch_size in flight, measured."""
-    before, start = spec_counters(), time.time()
+    before, start = spec_metrics(), time.time()
     raw, seconds = await closed_loop(one, prompts, batch_size)
-    after, end = spec_counters(), time.time()
+    after, end = spec_metrics(), time.time()
     results = [r for r in raw if isinstance(r, Streamed)]
     if len(results) < len(raw):
         raise next(r for r in raw if isinstance(r, BaseException))
-    d = {k: after[k] - before.get(k, 0.0) for k in after}
+    d = {k: after[k] - before.get(k, 0.0) for k in after if isinstance(after[k], float)}
     s = latency_summary(results, seconds)
     drafts = d.get("num_drafts", 0.0)
+    per_pos = after.get("num_accepted_tokens_per_pos")
+    if isinstance(per_pos, list) and drafts:
+        was = before.get("num_accepted_tokens_per_pos") or [0.0] * len(per_pos)
+        per_pos = [round((a - b) / drafts, 4) for a, b in zip(per_pos, was)]
+    else:
+        per_pos = None
     decode_steps = sum(r.chunks - 1 for r in results)  # each request's first chunk is its prefill's token
     return Cell(
         row=row.name,
@@ -197,15 +204,17 @@ async def _cell(row: Row, one: Any, prompts: list[Prompt], batch_size: int) -> C
         drafts=int(drafts),
         outputs=[r.tokens for r in results],
         window=(start, end),
+        accepted_per_pos=per_pos,
     )
 
 
 async def bench_row(
     row: Row, *, target: str, prompts: Sequence[str | Prompt], batch_sizes: list[int], max_tokens: int, repeat: int,
-    engine_kwargs: dict[str, Any], temperature: float = 0.0,
+    engine_kwargs: dict[str, Any], temperature: float = 0.0, ignore_eos: bool = True,
 ) -> list[Cell]:
     """Per batch size, the median (by tokens/s) of `repeat` passes. A warm-up pass over every prompt
-    first, so every measured pass sees the same prefix-cache state (prompts cached: decode dominates)."""
+    first, so every measured pass sees the same prefix-cache state (prompts cached: decode dominates).
+    ``ignore_eos=False``: requests end at the model's end of turn, as a chat client's do."""
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
@@ -223,7 +232,7 @@ async def bench_row(
             else:
                 os.environ[key] = value
     params = {p: SamplingParams(temperature=temperature if p.temperature is None else p.temperature,
-                                max_tokens=max_tokens, ignore_eos=True,
+                                max_tokens=max_tokens, ignore_eos=ignore_eos,
                                 structured_outputs=StructuredOutputsParams(regex=p.regex) if p.regex else None)
               for p in set(workload)}
 
@@ -261,6 +270,7 @@ def run(
     eagle3: str | None = None,
     guards: str | None = None,
     schedule: list[tuple[int, int, int]] | None = None,
+    ignore_eos: bool = True,
 ) -> list[Cell]:
     """Every row at every batch size. ``step_times``: a directory the engine processes record each
     step's phases into (bench/steps.py); each cell then carries the summary of its measured pass."""
@@ -285,6 +295,7 @@ def run(
                     repeat=repeat,
                     engine_kwargs=engine_kwargs,
                     temperature=temperature,
+                    ignore_eos=ignore_eos,
                 )
             )
             gc.collect()  # drop the shut-down engine now, not during interpreter exit

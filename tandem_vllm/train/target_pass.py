@@ -50,12 +50,15 @@ class PassSettings:
     seq_len: int = 256
     shard_rows: int = 256
     batch_size: int = 8
+    max_rows: int = 0  # > 0: only the first max_rows rows (a quick pass)
     device: str = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
         if not self.taps or list(self.taps) != sorted(set(self.taps)):
             raise TandemError(f"--taps {list(self.taps)}: give distinct tap indices in ascending order")
+        if self.max_rows < 0:
+            raise TandemError(f"--max-rows={self.max_rows}; 0 means every row")
         for name in ("top_k", "seq_len", "shard_rows", "batch_size"):
             if getattr(self, name) < 1:
                 raise TandemError(f"--{name.replace('_', '-')}={getattr(self, name)}; it must be at least 1")
@@ -85,6 +88,8 @@ def run(s: PassSettings) -> dict[str, Any]:
     if bad:
         raise TandemError(f"--taps {bad} out of range 0..{top} for this {top}-layer target")
     rows, masks = pack_generated(read_generated(s.gen_data, lm.identity), s.seq_len, lm.tokenizer.eos_token_id or 0)
+    if s.max_rows:
+        rows, masks = rows[: s.max_rows], masks[: s.max_rows]
     shards = -(-len(rows) // s.shard_rows)
     manifest = _manifest(s, lm.identity.model_dump(mode="json"), len(rows), shards)
     pending = [i for i in range(shards) if not (shard_dir(s.out, i) / "taps.npy").is_file()]

@@ -18,6 +18,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.chart import kuberay
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "tandem-vllm"
 KUBE_VERSION = "1.30.0"
@@ -128,34 +130,84 @@ def test_standard_resources_match_the_kubernetes_api(chart, example):
     assert checked >= 2  # at least the HTTP and gRPC Services
 
 
+@pytest.mark.parametrize("version", [kuberay.OLDEST, kuberay.NEWEST])
 @pytest.mark.parametrize("example", sorted(EXAMPLES))
-def test_rayservice_matches_kuberay_fields_and_kubernetes_pod_templates(chart, example):
-    import jsonschema
-
+def test_kuberay_admits_the_rayservice_without_pruning_a_field(chart, example, version):
+    """KubeRay's own CRD schema, as the API server applies it: nothing the chart sets is pruned, the
+    defaulted object validates; the pod templates match Kubernetes' PodTemplateSpec."""
     rs = rayservice(chart, EXAMPLES[example])
-    kuberay = json.loads((Path(__file__).parent / "kuberay_rayservice_v1.schema.json").read_text())
-    jsonschema.Draft202012Validator(kuberay).validate(rs)
+    _, pruned, errors = kuberay.admit(rs, version)
+    assert pruned == [] and errors == []
     validator = pod_validator()
     for template in pod_templates(rs):
         validator.validate(template)
 
 
-def test_schema_files_catch_what_they_should():
-    """The two schema checks above are not vacuous: they refuse a misspelt field and a bad probe."""
+@pytest.mark.parametrize("version", [kuberay.OLDEST, kuberay.NEWEST])
+def test_kuberay_admission_catches_what_it_should(chart, version):
+    """Negative controls: a misspelt field is pruned, a field newer than the operator is pruned by the
+    older one, a wrong type and a missing required field fail validation; a bad probe fails the pod schema."""
     import jsonschema
 
-    c = helm_python.Chart.load(str(CHART))
-    rs = rayservice(c, MINIMAL)
-    c.close()
-    kuberay = json.loads((Path(__file__).parent / "kuberay_rayservice_v1.schema.json").read_text())
+    rs = rayservice(chart, MINIMAL)
     typo = copy.deepcopy(rs)
     typo["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplica"] = 3
-    with pytest.raises(jsonschema.ValidationError, match="maxReplica"):
-        jsonschema.Draft202012Validator(kuberay).validate(typo)
+    assert kuberay.admit(typo, version)[1] == ["spec.rayClusterConfig.workerGroupSpecs[0].maxReplica"]
+    newer = copy.deepcopy(rs)
+    newer["spec"]["upgradeStrategy"] = {"type": "NewCluster"}  # KubeRay 1.3+
+    assert bool(kuberay.admit(newer, version)[1]) == (version == kuberay.OLDEST)
+    wrong = copy.deepcopy(rs)
+    wrong["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] = "two"
+    assert any("replicas" in e for e in kuberay.admit(wrong, version)[2])
+    missing = copy.deepcopy(rs)
+    del missing["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["groupName"]
+    assert any("groupName" in e for e in kuberay.admit(missing, version)[2])
     template = copy.deepcopy(pod_templates(rs)[1])
     template["spec"]["containers"][0]["readinessProbe"]["httpGet"]["prot"] = 8000
     with pytest.raises(jsonschema.ValidationError):
         pod_validator().validate(template)
+
+
+@pytest.mark.parametrize("version", [kuberay.OLDEST, kuberay.NEWEST])
+@pytest.mark.parametrize("example", sorted(EXAMPLES))
+def test_the_operator_builds_a_serve_service_from_the_head_ports(chart, example, version):
+    """KubeRay builds the RayService's Serve Service from head ports named serve (serve-* from 1.6) and
+    never marks the RayService ready without one; container ports must be unique."""
+    rs = rayservice(chart, EXAMPLES[example])
+    assert kuberay.head_port_problems(rs, version) == []
+    want = {"serve": 8000} if version == kuberay.OLDEST else {"serve": 8000, "serve-grpc": 9000}
+    assert kuberay.serve_service_ports(rs, version) == want
+    # the chart's own Services and the readiness probe point at the same named ports
+    docs = manifests(chart, EXAMPLES[example])
+    assert one(docs, "Service", "-http")["spec"]["ports"][0]["targetPort"] == "serve"
+    assert one(docs, "Service", "-grpc")["spec"]["ports"][0]["targetPort"] == "serve-grpc"
+
+
+def test_the_operator_rules_fail_on_what_the_old_chart_rendered(chart):
+    """Negative controls: the head ports the chart used to name http/grpc give no Serve Service on any
+    version; a duplicated port name or number is caught."""
+    rs = rayservice(chart, MINIMAL)
+    old = copy.deepcopy(rs)
+    for port in old["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]:
+        port["name"] = {"serve": "http", "serve-grpc": "grpc"}.get(port["name"], port["name"])
+    for version in (kuberay.OLDEST, kuberay.NEWEST):
+        assert "Serve Service is never built" in " ".join(kuberay.head_port_problems(old, version))
+    dup = copy.deepcopy(rs)
+    ports = dup["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+    ports.append({"containerPort": 8000, "name": "serve"})
+    problems = " ".join(kuberay.head_port_problems(dup, kuberay.NEWEST))
+    assert "duplicate port name serve" in problems and "duplicate port containerPort 8000" in problems
+
+
+@pytest.mark.parametrize("values,field", [
+    ({"service": {"grpcPort": 8000}}, "service.grpcPort"),
+    ({"serviceMonitor": {"port": 9000}}, "serviceMonitor.port"),
+    ({"service": {"httpPort": 8265}}, "service.httpPort"),
+])
+def test_colliding_ports_fail_at_template_time_naming_the_value(chart, values, field):
+    merged = {**MINIMAL, **values}
+    with pytest.raises(Exception, match=field.replace(".", "\\.")):
+        render(chart, merged)
 
 
 @pytest.mark.parametrize("example", sorted(EXAMPLES))
@@ -203,7 +255,7 @@ def test_defaults_serve_the_given_models_on_cpu_workers(chart):
     worker = containers(rs)["ray-worker"]
     assert worker["image"] == "tandem-vllm:0.1.0-cpu"
     assert "nvidia.com/gpu" not in worker["resources"]["limits"]
-    assert worker["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert worker["readinessProbe"]["httpGet"] == {"path": "/health", "port": "serve"}
     assert worker["livenessProbe"]["grpc"]["port"] == 9000 and worker["startupProbe"]["grpc"]["port"] == 9000
     assert "readinessProbe" not in containers(rs)["ray-head"]  # KubeRay's own: the app waits for a ready head
     volume = pod_templates(rs)[1]["spec"]["volumes"][0]

@@ -272,11 +272,41 @@ metadata:
   {{- end }}
 {{- end }}
 
+{{/*
+Container ports of the Ray head. KubeRay builds its Serve Service only from head-container ports
+named "serve" (1.1+) or "serve-*" (1.5+), and adds no default ports once the head lists its own:
+without "serve" a RayService never becomes ready. Workers use the same names (the Services and the
+readiness probe target them by name).
+*/}}
 {{- define "tandem-vllm.containerPorts" -}}
 - {containerPort: 6379, name: gcs}
 - {containerPort: 8265, name: dashboard}
 - {containerPort: 10001, name: client}
-- {containerPort: {{ .Values.service.httpPort }}, name: http}
-- {containerPort: {{ .Values.service.grpcPort }}, name: grpc}
+{{ include "tandem-vllm.servePorts" . }}
+{{- end }}
+
+{{- define "tandem-vllm.servePorts" -}}
+{{- include "tandem-vllm.checkPorts" . }}
+- {containerPort: {{ .Values.service.httpPort }}, name: serve}
+- {containerPort: {{ .Values.service.grpcPort }}, name: serve-grpc}
 - {containerPort: {{ .Values.serviceMonitor.port }}, name: metrics}
+{{- end }}
+
+{{/*
+Container ports must be unique (the API server refuses duplicates): fail at template time naming the value.
+*/}}
+{{- define "tandem-vllm.checkPorts" -}}
+{{- $fixed := dict "6379" "Ray's GCS port" "8265" "Ray's dashboard port" "10001" "Ray's client port" }}
+{{- $seen := dict }}
+{{- range $pair := list (list "service.httpPort" .Values.service.httpPort) (list "service.grpcPort" .Values.service.grpcPort) (list "serviceMonitor.port" .Values.serviceMonitor.port) }}
+{{- $name := index $pair 0 }}
+{{- $port := toString (index $pair 1) }}
+{{- if hasKey $fixed $port }}
+{{- fail (printf "%s %s collides with %s; choose another port" $name $port (get $fixed $port)) }}
+{{- end }}
+{{- if hasKey $seen $port }}
+{{- fail (printf "%s %s collides with %s; every port must differ" $name $port (get $seen $port)) }}
+{{- end }}
+{{- $_ := set $seen $port $name }}
+{{- end }}
 {{- end }}
