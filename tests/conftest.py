@@ -96,7 +96,7 @@ def draft_lm():
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """The compatibility matrix rows this session ran -> results/compat/matrix.{json,md} (the README table)."""
+    """The compatibility matrix rows this session ran -> results/compat/matrix.{json,md} (the table in docs/serving.md)."""
     from tests.integration import compat
 
     compat.write()

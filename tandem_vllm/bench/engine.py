@@ -92,7 +92,7 @@ class Row:
 NGRAM: Final = {"method": "ngram", "prompt_lookup_min": 2, "prompt_lookup_max": 5}
 # Drafters sample their drafts (greedy requests still take the argmax) and hand their probabilities
 # to the rejection sampler; vLLM's default, "greedy", verifies a sampled request as if the drafter
-# were certain of its argmax and accepts far less (DESIGN.md section 5).
+# were certain of its argmax and accepts far less (ci pair, T = 1, k = 3: tau 1.21 greedy drafts, 2.39 sampled).
 SAMPLED_DRAFTS: Final = {"draft_sample_method": "probabilistic"}
 
 

@@ -597,7 +597,7 @@ def install() -> None:
 
 
 def markdown_table() -> str:
-    """The table as markdown (for the README and docs)."""
+    """The table as markdown (docs/architecture.md)."""
     rows = [f"| `{p.name}` | {'<br>'.join(f'`{s}`' for s in p.symbols)} | {p.reason} | {p.scope} |"
             for p in PATCHES]
     return "| patch | replaces | why | scope |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"

@@ -2,7 +2,7 @@
 drafter drafts, each row checked against the same request with speculation off.
 
 Tests call ``check(row, ...)`` for a row; its outcome (and what was compared) is recorded, and at the
-end of the session ``write()`` renders results/compat/matrix.{json,md}. The README's table is that
+end of the session ``write()`` renders results/compat/matrix.{json,md}. docs/serving.md's table is that
 markdown, and a unit test keeps the two equal, so the table is generated from test results.
 """
 

@@ -2,7 +2,7 @@
 caching on): every row sends a request with speculation and the same request with speculation off
 for that request (vllm_xargs speculate=off: plain target decoding in the same engine), and checks
 that the drafter really drafted, that greedy output is identical, and that what was asked for holds
-(valid JSON for a schema, a listed choice, a regex match, ...). Rows are recorded for the README
+(valid JSON for a schema, a listed choice, a regex match, ...). Rows are recorded for docs/serving.md
 table (compat.py)."""
 
 from __future__ import annotations

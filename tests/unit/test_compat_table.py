@@ -1,4 +1,4 @@
-"""The README's compatibility table is the one the matrix tests last wrote (tests/integration/compat.py)."""
+"""docs/serving.md's compatibility table is the one the matrix tests last wrote (tests/integration/compat.py)."""
 
 import json
 from pathlib import Path
@@ -14,7 +14,7 @@ def test_the_matrix_markdown_is_rendered_from_its_recorded_results():
     assert (compat.RESULTS / "matrix.md").read_text() == compat.markdown(recorded)
 
 
-def test_the_readme_shows_the_matrix_as_the_tests_recorded_it():
-    readme = (ROOT / "README.md").read_text()
-    assert (compat.RESULTS / "matrix.md").read_text() in readme, \
-        "copy results/compat/matrix.md (written by the compat tests) into the README"
+def test_the_serving_doc_shows_the_matrix_as_the_tests_recorded_it():
+    doc = (ROOT / "docs" / "serving.md").read_text()
+    assert (compat.RESULTS / "matrix.md").read_text() in doc, \
+        "copy results/compat/matrix.md (written by the compat tests) into docs/serving.md"
