@@ -131,6 +131,18 @@ class StepClock:
 
 
 
+MARK: Final = "_tandem_patches"  # on every function the adapter installs in vLLM: the patches (rows) in it
+# What install() replaces: the "step-times" row of patches.PATCHES lists exactly these.
+SYMBOLS: Final = ("vllm.v1.engine.core:EngineCoreProc._process_engine_step", "vllm.v1.core.sched.scheduler:Scheduler.schedule",
+                  "vllm.v1.core.sched.scheduler:Scheduler.update_from_output", "vllm.v1.engine.core:EngineCore.post_step",
+                  "vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model",
+                  "vllm.v1.worker.gpu_model_runner:GPUModelRunner._model_forward",
+                  "vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens",
+                  "vllm.v1.worker.gpu_model_runner:GPUModelRunner._sample",
+                  "vllm.v1.worker.gpu_model_runner:GPUModelRunner.propose_draft_token_ids",
+                  "vllm.v1.engine.core:EngineCore.shutdown", "vllm.v1.executor.multiproc_executor:WorkerProc.shutdown")
+
+
 def install() -> None:
     """Time every engine step's phases (module docstring). Installed by the adapter only when
     ``$TANDEM_VLLM_STEP_TIMES`` is set; ~10 us per phase; re-entrant."""
@@ -161,6 +173,7 @@ def install() -> None:
                     after(self)
 
         wrapper._tandem_timed = True  # type: ignore[attr-defined]
+        setattr(wrapper, MARK, (*getattr(wrapper, MARK, ()), "step-times"))  # a row of patches.PATCHES
         setattr(cls, name, wrapper)
 
     step = EngineCoreProc._process_engine_step
@@ -197,6 +210,7 @@ def install() -> None:
     for cls, name, fn in ((EngineCoreProc, "_process_engine_step", _process_engine_step), (Scheduler, "schedule", _schedule)):
         fn = functools.wraps(getattr(cls, name))(fn)
         fn._tandem_timed = True  # type: ignore[attr-defined]
+        setattr(fn, MARK, (*getattr(fn, MARK, ()), "step-times"))
         setattr(cls, name, fn)
     wrap(Scheduler, "update_from_output", phase="update")
     wrap(EngineCore, "post_step", phase="post")

@@ -18,6 +18,8 @@ from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
+from tandem_vllm.vllm_adapter.profiler import MARK
+
 
 @dataclass
 class SpecTotals:
@@ -97,6 +99,7 @@ def observe_requests(engine: Any, model_name: str) -> None:
                         histogram.observe(spec["mean_acceptance_length"])
             yield out
 
+    setattr(observed, MARK, ("request-tau",))  # a row of patches.PATCHES (per instance, not per class)
     engine.generate = observed
 
 

@@ -1,6 +1,9 @@
 """The vLLM adapter without an engine: its pure-tensor pieces against brute force, its patch table
 against what install() really replaces, and the scheduling patches on stand-in classes."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -218,24 +221,110 @@ def test_a_tandem_step_without_drafts_samples_like_target_alone(tandem, max_spec
     assert runner._sample("logits", None) == "sampled" and seen[-1] is None
 
 
-def test_install_replaces_every_symbol_in_the_patch_table_and_nothing_is_unaccounted():
-    """The table is the truth: each symbol it names carries its patch's mark after install()."""
+def _resolve(symbol: str):
     import importlib
 
+    module, _, path = symbol.partition(":")
+    obj = importlib.import_module(module)
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _canonical(symbol: str) -> str:
+    """'module:Class.attr' with the module that defines the class (vllm.config re-exports VllmConfig)."""
+    module, _, path = symbol.partition(":")
+    if "." not in path:
+        return symbol
+    owner, attr = path.rsplit(".", 1)
+    cls = _resolve(f"{module}:{owner}")
+    return f"{cls.__module__}:{cls.__qualname__}.{attr}"
+
+
+def _marked_in_vllm() -> set[str]:
+    """Every class attribute of every loaded vLLM module that carries an adapter mark: 'module:Class.attr'."""
+    import inspect
+    import sys
+
+    found = set()
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("vllm") or module is None:
+            continue
+        for cls_name, cls in list(vars(module).items()):
+            if inspect.isclass(cls) and cls.__module__ == name:
+                for attr, value in list(vars(cls).items()):
+                    if getattr(value, patches.MARK, ()):
+                        found.add(f"{name}:{cls_name}.{attr}")
+            elif inspect.isfunction(cls) and getattr(cls, patches.MARK, ()) and cls_name in vars(module):
+                found.add(f"{name}:{cls_name}")
+    return found
+
+
+def check_the_table_is_the_whole_truth() -> None:
+    """Each symbol the table names carries its patch's mark after install() (rows applied per engine
+    instance aside), and every marked vLLM symbol is in the table."""
     patches.install()
     patches.install()  # re-entrant: nothing is wrapped twice
     for patch in patches.PATCHES:
+        if patch.apply is None:
+            continue  # per engine instance: test_request_tau_row_marks_the_engine_it_wraps
+        if patch.env is not None and not os.environ.get(patch.env):
+            continue
         for symbol in patch.symbols:
-            module, _, path = symbol.partition(":")
-            obj = importlib.import_module(module)
-            for part in path.split("."):
-                obj = getattr(obj, part)
-            marks = getattr(obj, patches.MARK, ())
+            marks = getattr(_resolve(symbol), patches.MARK, ())
             assert patch.name in marks, f"{symbol} is not patched by {patch.name!r} (marks: {marks})"
             assert len(marks) == len(set(marks)), f"{symbol} wrapped twice: {marks}"
-    assert patches.PATCHES and all(p.reason and p.scope for p in patches.PATCHES)
+    listed = {_canonical(s) for p in patches.PATCHES for s in p.symbols}
+    unlisted = _marked_in_vllm() - listed
+    assert not unlisted, f"replaced but not in the patch table: {sorted(unlisted)}"
+    assert patches.PATCHES and all(p.reason and p.scope and p.exit for p in patches.PATCHES)
     table = patches.markdown_table()
     assert all(f"`{p.name}`" in table for p in patches.PATCHES)
+
+
+def test_install_replaces_every_symbol_in_the_patch_table_and_nothing_is_unaccounted():
+    check_the_table_is_the_whole_truth()
+
+
+def test_the_opt_in_step_profiler_is_in_the_table_too(tmp_path):
+    """The same check in a process with $TANDEM_VLLM_STEP_TIMES set (the profiler stays out of this one)."""
+    import subprocess
+    import sys
+
+    from tandem_vllm.vllm_adapter import profiler
+
+    env = {**os.environ, profiler.ENV: str(tmp_path / "steps")}
+    code = "from tests.unit.test_vllm_adapter import check_the_table_is_the_whole_truth as c; c(); print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).parents[2])
+    assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_the_converse_check_finds_a_replacement_left_out_of_the_table(monkeypatch):
+    """Negative control: a function marked onto a vLLM class that no row names is reported."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    def stray(self):
+        return None
+
+    setattr(stray, patches.MARK, ("stray",))
+    monkeypatch.setattr(Scheduler, "tandem_stray", stray, raising=False)
+    assert "vllm.v1.core.sched.scheduler:Scheduler.tandem_stray" in _marked_in_vllm()
+
+
+def test_request_tau_row_marks_the_engine_it_wraps():
+    from types import SimpleNamespace
+
+    from tandem_vllm.vllm_adapter.stats import observe_requests
+
+    async def generate(*args, **kwargs):
+        yield None
+
+    engine = SimpleNamespace(generate=generate)
+    observe_requests(engine, "m")
+    assert getattr(engine.generate, patches.MARK) == ("request-tau",)
+    (row,) = [p for p in patches.PATCHES if p.name == "request-tau"]
+    assert row.apply is None and "AsyncLLM.generate" in row.symbols[0]
 
 
 def test_skipping_patches_takes_only_optional_names():
