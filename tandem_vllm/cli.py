@@ -154,6 +154,13 @@ def _resume(text: str) -> str:
     return text
 
 
+def _k_schedule(source: str, flag: str) -> list[tuple[int, int, int]]:
+    from tandem_vllm.speculation import read_k_schedule
+    from tandem_vllm.vllm_adapter.engine import validate_k_schedule
+
+    return validate_k_schedule(read_k_schedule(source), f"{flag} {source}")
+
+
 def _int_list0(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",")]
@@ -187,14 +194,13 @@ def _step_report(rows: list[tuple[str, int, Any]], plot: str | None, labels: tup
 
 def _bench_engine(a: argparse.Namespace) -> None:
     from tandem_vllm.bench import engine
+    from tandem_vllm.prompts import read_workload
 
-    prompts = engine.read_workload(a.prompts)[a.skip_prompts : a.skip_prompts + a.num_prompts]
+    prompts = read_workload(a.prompts)[a.skip_prompts : a.skip_prompts + a.num_prompts]
     engine_kwargs = _bench_engine_kwargs(a)
     schedule = None
     if a.k_schedule:
-        from tandem_vllm.bench.schedule import read
-
-        schedule = read(a.k_schedule)
+        schedule = _k_schedule(a.k_schedule, "--k-schedule")
     cells = engine.run(target=a.target, tandem=a.tandem, baseline=a.baseline, prompts=prompts, batch_sizes=a.batch_sizes,
                        max_tokens=a.max_tokens, k=a.k, fallback_batch_size=a.fallback_batch_size, engine_kwargs=engine_kwargs,
                        repeat=a.repeat, tandem_router=a.tandem_router, step_times=a.step_times,
@@ -242,7 +248,7 @@ def _bench_suite(a: argparse.Namespace) -> None:
 
 def _bench_schedule(a: argparse.Namespace) -> None:
     from tandem_vllm.bench import schedule as bench
-    from tandem_vllm.quality import read_prompts
+    from tandem_vllm.prompts import read_prompts
 
     prompts = read_prompts(a.prompts)[a.skip_prompts : a.skip_prompts + a.num_prompts]
     ks = list(range(1, a.max_k + 1))
@@ -258,7 +264,9 @@ def _bench_schedule(a: argparse.Namespace) -> None:
         how = "greedy" if a.temperature == 0 else f"T={a.temperature:g}"
         bench.plot(cells, found, Path(a.plot), f"{len(prompts)} prompts x {a.max_tokens} tokens, {how}")
     print(table)
-    print("speculative_config:", json.dumps(bench.speculative_config(a.drafter, found)))
+    from tandem_vllm.speculation import drafter_config
+
+    print("speculative_config:", json.dumps(drafter_config(a.drafter, 0, found)))
 
 
 def _bench_train(a: argparse.Namespace) -> None:
@@ -278,7 +286,7 @@ def _bench_train(a: argparse.Namespace) -> None:
 
 def _bench_serve(a: argparse.Namespace) -> None:
     from tandem_vllm.bench import serve as bench
-    from tandem_vllm.quality import read_prompts
+    from tandem_vllm.prompts import read_prompts
     from tandem_vllm.serve.config import ServeConfig
 
     prompts = read_prompts(a.prompts)[: a.num_prompts]
@@ -344,9 +352,7 @@ def _serve(a: argparse.Namespace) -> None:
     passed = set(ServeConfig.model_fields) - {"speculative_config", "vllm_args", "speculation_schedule"}
     fields: dict[str, Any] = {k: getattr(a, k) for k in passed if getattr(a, k, None) is not None}
     if a.speculation_schedule is not None:
-        from tandem_vllm.bench.schedule import read
-
-        fields["speculation_schedule"] = read(a.speculation_schedule)
+        fields["speculation_schedule"] = _k_schedule(a.speculation_schedule, "--speculation-schedule")
     if a.speculative_config is not None:
         try:
             fields["speculative_config"] = json.loads(a.speculative_config)

@@ -36,22 +36,16 @@ from tandem_vllm.modeling.pairing import load_baseline_for, load_eagle3_for, loa
 from tandem_vllm.modeling.reference import TandemDrafter
 from tandem_vllm.modeling.target import hidden_taps, load_causal_lm, resolve_device
 from tandem_vllm.progress import progress_bar
-from tandem_vllm.train.data import read_texts
+from tandem_vllm.prompts import read_prompts
+from tandem_vllm.speculation import NGRAM_LOOKUP
 from tandem_vllm.train.loss import tv_distance
 
 METRICS = ("accuracy", "ce", "agreement", "tv")
 # Greedy tau on a small target is dominated by its degenerate loops (e.g. runs of newlines that
 # one drafter happens to predict); sampled tau (T=1) tracks the distributions' overlap.
 TAU_MODES = {"greedy": Sampling(), "sampled": Sampling(temperature=1.0)}
-NGRAM = {"prompt_lookup_min": 2, "prompt_lookup_max": 5}  # what the benchmarks configure in vLLM
+NGRAM = NGRAM_LOOKUP  # what the benchmarks configure in vLLM
 LABELS = {"baseline": "SPEED (standalone)", "tandem": "Tandem+SPEED", "eagle3": "EAGLE-3", "ngram": "n-gram lookup"}
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    path = Path(path)
-    if path.suffix != ".jsonl":
-        raise TandemError(f"--prompts {path}: expected a .jsonl file with one {{\"prompt\": ...}} per line")
-    return read_texts([path])
 
 
 def _drafter_logits(target_out: Any, drafter: Any, inp: torch.Tensor, block: int | None) -> torch.Tensor:

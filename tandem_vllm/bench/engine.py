@@ -23,13 +23,12 @@ import asyncio
 import gc
 import json
 import os
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 
@@ -37,49 +36,11 @@ from tandem_vllm.bench import steps
 from tandem_vllm.bench.measure import Streamed, closed_loop, latency_summary, measure
 from tandem_vllm.errors import TandemError
 from tandem_vllm.progress import progress_bar
+from tandem_vllm.prompts import Prompt
+from tandem_vllm.speculation import NGRAM, SAMPLED_DRAFTS, UNBOUNDED, drafter_config
 from tandem_vllm.vllm_adapter.engine import async_engine, spec_metrics
 from tandem_vllm.vllm_adapter.guards import ENV as GUARDS_ENV
 from tandem_vllm.vllm_adapter.guards import server_defaults
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One request of a workload: its text and, optionally, a regular expression its output must match
-    (vLLM's structured outputs; a prompts line's "regex" field) and a temperature of its own (the
-    line's "temperature"; else the run's)."""
-
-    text: str
-    regex: str | None = None
-    temperature: float | None = None
-
-
-def read_workload(path: str | Path) -> list[Prompt]:
-    """A prompts file: one JSON object per line with "prompt" (or "text"/"content") and optionally "regex"
-    and "temperature"."""
-    from tandem_vllm.train.data import jsonl_rows, jsonl_text, read_utf8
-
-    path = Path(path)
-    if path.suffix != ".jsonl" or not path.is_file():
-        raise TandemError(f"--prompts {path}: expected an existing .jsonl file with one {{\"prompt\": ...}} per line")
-    out = []
-    for n, obj in jsonl_rows(path, read_utf8(path, "--prompts")):
-        text = jsonl_text(obj)
-        if not text or not text.strip():
-            raise TandemError(f"{path}:{n} has no \"prompt\" string")
-        regex = obj.get("regex")
-        if regex is not None:
-            try:
-                re.compile(regex)
-            except (re.error, TypeError) as e:
-                raise TandemError(f"{path}:{n}: \"regex\" is not a regular expression ({e})") from None
-        temperature = obj.get("temperature")
-        if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                                        or not 0 <= temperature <= 10):
-            raise TandemError(f"{path}:{n}: \"temperature\" must be a number from 0 to 10, not {temperature!r}")
-        out.append(Prompt(text, regex, None if temperature is None else float(temperature)))
-    if not out:
-        raise TandemError(f"{path} has no prompts; one {{\"prompt\": ...}} per line")
-    return out
 
 
 @dataclass(frozen=True)
@@ -89,11 +50,6 @@ class Row:
     env: dict[str, str] = field(default_factory=dict)  # for the engine's processes (speculation guards)
 
 
-NGRAM: Final = {"method": "ngram", "prompt_lookup_min": 2, "prompt_lookup_max": 5}
-# Drafters sample their drafts (greedy requests still take the argmax) and hand their probabilities
-# to the rejection sampler; vLLM's default, "greedy", verifies a sampled request as if the drafter
-# were certain of its argmax and accepts far less (ci pair, T = 1, k = 3: tau 1.21 greedy drafts, 2.39 sampled).
-SAMPLED_DRAFTS: Final = {"draft_sample_method": "probabilistic"}
 
 
 @dataclass
@@ -158,11 +114,9 @@ def rows_for(
             )
         )
     if schedule:
-        from tandem_vllm.bench.schedule import UNBOUNDED, speculative_config
-
         ranges = ", ".join(f"{lo}-{'' if hi == UNBOUNDED else hi}:{kk}" for lo, hi, kk in schedule)
         rows.append(Row(f"Tandem+SPEED measured schedule (batch:k {ranges})",
-                        speculative_config(tandem, schedule) or None))
+                        drafter_config(tandem, k, schedule) or None))
     return rows
 
 

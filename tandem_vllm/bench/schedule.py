@@ -25,15 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 from tandem_vllm.errors import TandemError
 from tandem_vllm.progress import progress_bar
+from tandem_vllm.speculation import SAMPLED_DRAFTS, UNBOUNDED, KSchedule, drafter_config
 
-if TYPE_CHECKING:  # the engine benchmark imports vLLM; this module stays light (ServeConfig validates with it)
+if TYPE_CHECKING:  # the engine benchmark imports vLLM
     from tandem_vllm.bench.engine import Cell
 
-UNBOUNDED = 1 << 20  # the last range's end: every larger running batch
-Schedule = list[tuple[int, int, int]]  # vLLM's (first batch size, last batch size, k), inclusive
 
-
-def pick(tokens_per_s: dict[int, dict[int, float]]) -> Schedule:
+def pick(tokens_per_s: dict[int, dict[int, float]]) -> KSchedule:
     """``tokens_per_s[k][batch]`` (k = 0: target alone) -> the schedule: per measured batch size the
     fastest k >= 1, or 0 where target alone is faster than all of them; neighbouring sizes with the
     same k merge into one range."""
@@ -49,7 +47,7 @@ def pick(tokens_per_s: dict[int, dict[int, float]]) -> Schedule:
         best.append(k if tps >= tokens_per_s[0][b] else 0)
     # measured size i governs running sizes from the log-midpoint with size i-1 up to the one with size i+1
     starts = [1] + [math.floor(math.sqrt(a * b)) + 1 for a, b in zip(sizes, sizes[1:])]
-    schedule: Schedule = []
+    schedule: KSchedule = []
     for i, k in enumerate(best):
         end = starts[i + 1] - 1 if i + 1 < len(starts) else UNBOUNDED
         if schedule and schedule[-1][2] == k:
@@ -59,23 +57,12 @@ def pick(tokens_per_s: dict[int, dict[int, float]]) -> Schedule:
     return schedule
 
 
-def speculative_config(drafter: str, schedule: Schedule) -> dict[str, Any]:
-    """The speculative_config that serves ``schedule`` (k capped by num_speculative_tokens = its largest k)."""
-    from tandem_vllm.bench.engine import SAMPLED_DRAFTS
-
-    k_max = max(k for _, _, k in schedule)
-    if k_max == 0:
-        return {}
-    return {"model": drafter, "num_speculative_tokens": k_max,
-            "num_speculative_tokens_per_batch_size": [list(r) for r in schedule], **SAMPLED_DRAFTS}
-
-
 def run(
     *, target: str, drafter: str, prompts: list[str], batch_sizes: list[int], ks: list[int], max_tokens: int,
     engine_kwargs: dict[str, Any], repeat: int = 1, temperature: float = 0.0,
-) -> tuple[Schedule, list[Cell]]:
+) -> tuple[KSchedule, list[Cell]]:
     """Target alone and the drafter at each k, every batch size, one engine per row, in one run."""
-    from tandem_vllm.bench.engine import SAMPLED_DRAFTS, Row, bench_row
+    from tandem_vllm.bench.engine import Row, bench_row
 
     if not prompts:
         raise TandemError("no prompts to measure on (check --prompts, --skip-prompts and --num-prompts)")
@@ -99,7 +86,7 @@ def run(
     return pick(tps), cells
 
 
-def markdown(schedule: Schedule, cells: list[Cell]) -> str:
+def markdown(schedule: KSchedule, cells: list[Cell]) -> str:
     sizes = sorted({c.batch_size for c in cells})
     rows = list(dict.fromkeys(c.row for c in cells))
     by = {(c.row, c.batch_size): c for c in cells}
@@ -111,43 +98,14 @@ def markdown(schedule: Schedule, cells: list[Cell]) -> str:
     return f"tokens/s (× target alone, τ):\n\n{head}{body}\nschedule: {ranges}\n"
 
 
-def write_json(schedule: Schedule, cells: list[Cell], drafter: str, path: Path, meta: dict[str, Any]) -> None:
+def write_json(schedule: KSchedule, cells: list[Cell], drafter: str, path: Path, meta: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {**meta, "schedule": [list(r) for r in schedule], "speculative_config": speculative_config(drafter, schedule),
+    doc = {**meta, "schedule": [list(r) for r in schedule], "speculative_config": drafter_config(drafter, 0, schedule),
            "cells": [{k: v for k, v in asdict(c).items() if k not in ("outputs", "window")} for c in cells]}
     path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
-def read(source: str | Path) -> Schedule:
-    """The ``schedule`` of a ``bench schedule`` report, a file of a bare JSON list of [first, last, k],
-    or that list itself as JSON text."""
-    text = str(source).strip()
-    try:
-        doc = json.loads(text if text.startswith("[") else Path(source).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise TandemError(f"cannot read a schedule from {source}: {e}") from None
-    raw = doc.get("schedule") if isinstance(doc, dict) else doc
-    return validate(raw, str(source))
-
-
-def validate(raw: Any, where: str) -> Schedule:
-    """vLLM's rules, checked before any engine starts: [first, last, k] triples, first from 1, sorted,
-    not overlapping, k >= 0."""
-    try:
-        schedule = [(int(a), int(b), int(k)) for a, b, k in raw]
-    except (TypeError, ValueError):
-        raise TandemError(f"{where}: expected a list of [first batch size, last batch size, k] triples") from None
-    if not schedule or schedule[0][0] != 1:
-        raise TandemError(f"{where}: the first range must start at batch size 1")
-    previous = 0
-    for lo, hi, k in schedule:
-        if lo <= previous or hi < lo or k < 0:
-            raise TandemError(f"{where}: range ({lo}, {hi}, k={k}) overlaps, is out of order or has k < 0")
-        previous = hi
-    return schedule
-
-
-def plot(cells: list[Cell], schedule: Schedule, path: Path, title: str) -> None:
+def plot(cells: list[Cell], schedule: KSchedule, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from tandem_vllm.bench.engine import Prompt
 from tandem_vllm.errors import TandemError
+from tandem_vllm.prompts import Prompt
 
 SETS: Final = ("mtbench", "mtbench2", "humaneval")
 # short names of bench engine rows, for the summary

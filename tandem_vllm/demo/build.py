@@ -20,7 +20,7 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +144,8 @@ def build(size: str = "ci", *, root: Path | None = None, progress: bool = True) 
         write_jsonl(heldout_prompts(held_files, recipe.n_prompts, recipe.prompt_chars), prompts)
         _say(progress, f"corpus: {len(train_files)} train / {len(held_files)} held-out stdlib files")
 
+    from tandem_vllm.train.trainer import train_once
+
     tok_dir = base / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         texts = [json.loads(line)["text"] for line in train_jsonl.read_text().splitlines()]
@@ -155,7 +157,7 @@ def build(size: str = "ci", *, root: Path | None = None, progress: bool = True) 
                   eval_batches=4, save_every=max(1, recipe.target_steps // 8), seed=recipe.seed, progress=progress)
     target_args = TrainArgs(kind="lm", out=base / "target", tokenizer=tok_dir, dims=recipe.target, steps=recipe.target_steps,
                             lr=recipe.target_lr, loss="ce", **common)
-    results = {"target": _train_once(target_args)}
+    results = {"target": train_once(target_args)}
 
     gen_dirs: tuple[Path, ...] = ()
     if recipe.gen_prompts:
@@ -165,10 +167,10 @@ def build(size: str = "ci", *, root: Path | None = None, progress: bool = True) 
                           block_min=recipe.block_min, gen_data=gen_dirs, gen_ratio=recipe.gen_ratio,
                           warmup=max(1, recipe.drafter_steps // 20), eval_every=max(1, recipe.drafter_steps // 4),
                           save_every=max(1, recipe.drafter_steps // 8))
-    results["baseline"] = _train_once(TrainArgs(kind="baseline", out=out / "baseline", **drafter_common))
-    results["tandem"] = _train_once(TrainArgs(kind="tandem", out=out / "tandem", **drafter_common))
+    results["baseline"] = train_once(TrainArgs(kind="baseline", out=out / "baseline", **drafter_common))
+    results["tandem"] = train_once(TrainArgs(kind="tandem", out=out / "tandem", **drafter_common))
     if recipe.eagle3:  # the peer vLLM users pick today: same width, data, budget and losses (one layer)
-        results["eagle3"] = _train_once(TrainArgs(kind="eagle3", out=out / "eagle3", **drafter_common))
+        results["eagle3"] = train_once(TrainArgs(kind="eagle3", out=out / "eagle3", **drafter_common))
 
     manifest = {
         "size": size,
@@ -203,17 +205,6 @@ def _generate_once(recipe: DemoRecipe, target: Path, corpus: Path, out: Path, pr
     if done["written_shards"]:
         _say(progress, f"generated: {done['written_tokens']} tokens of the target's own continuations in {out}")
     return out
-
-
-def _train_once(args: TrainArgs) -> dict[str, float]:
-    """Train unless the export exists; resume a run an earlier build left unfinished."""
-    from tandem_vllm.train.trainer import train
-
-    summary = args.out / "train_summary.json"
-    if summary.is_file():
-        return dict(json.loads(summary.read_text())["eval"])
-    resume = (args.out / "checkpoints" / "latest").is_file()
-    return train(replace(args, resume=resume)).metrics
 
 
 def _say(progress: bool, msg: str) -> None:

@@ -133,8 +133,8 @@ def _target_pass(recipe: RealRecipe, target: Path, generated: Path, out: Path, p
 
 
 def _train(recipe: RealRecipe, kind: str, target: Path, pass_dir: Path, out: Path, progress: bool) -> dict[str, float]:
-    from tandem_vllm.demo.build import _train_once
     from tandem_vllm.train.args import ModelDims, TrainArgs
+    from tandem_vllm.train.trainer import train_once
 
     eagle3 = kind == "eagle3"
     dims = ModelDims(layers=1 if eagle3 else recipe.layers, hidden=576, heads=9, kv_heads=3, intermediate=1536)
@@ -145,7 +145,7 @@ def _train(recipe: RealRecipe, kind: str, target: Path, pass_dir: Path, out: Pat
                      eval_every=max(1, recipe.steps // 4), save_every=max(1, recipe.steps // 12), seed=recipe.seed,
                      share_target=True, draft_vocab=0 if kind == "baseline" else recipe.draft_vocab,
                      init_layers=() if eagle3 else recipe.init_layers, progress=progress)
-    return _train_once(args)
+    return train_once(args)
 
 
 def _eval_prompts(target: Path, base: Path, progress: bool) -> Path:
@@ -216,7 +216,7 @@ def _questions(recipe: RealRecipe, target: Path, base: Path, engine: dict[str, A
 
 
 def _prompts(recipe: RealRecipe, target: Path, base: Path, questions: Path, progress: bool) -> tuple[Path, dict[str, int]]:
-    from tandem_vllm.demo.corpus import split_corpus
+    from tandem_vllm.demo.corpus import read_sources, split_corpus
     from tandem_vllm.evalsets import eval_texts
     from tandem_vllm.modeling.target import load_identity
     from tandem_vllm.train.chat_prompts import (
@@ -234,7 +234,8 @@ def _prompts(recipe: RealRecipe, target: Path, base: Path, questions: Path, prog
     identity, tokenizer = load_identity(target)
     asked = questions_from(shard_records(questions, identity), tokenizer)
     train_files, _ = split_corpus(20_000_000)
-    rows = [chat_row(q, "self-written") for q in asked] + code_requests(train_files, recipe.code_prompts, recipe.seed)
+    rows = [chat_row(q, "self-written") for q in asked] + code_requests(read_sources(train_files), recipe.code_prompts,
+                                                                             recipe.seed)
     kept, dropped = decontaminated(rows, eval_texts())
     if not kept:
         raise TandemError("no training prompts left after decontamination")

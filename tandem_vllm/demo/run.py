@@ -68,7 +68,7 @@ def demo(*, size: str, k: int, max_new_tokens: int, engine: Literal["vllm", "ref
     Sampling (T=0.8, top-p 0.95) rather than greedy: a target this small loops under greedy
     decoding. Speculative sampling keeps the output distribution exactly the target's."""
     from tandem_vllm.demo.build import build
-    from tandem_vllm.quality import read_prompts
+    from tandem_vllm.prompts import read_prompts
 
     m = build(size)
     prompts = read_prompts(m["heldout_prompts"])[:3]

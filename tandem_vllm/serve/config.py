@@ -116,13 +116,13 @@ class ServeConfig(BaseModel):
         if self.api_key and self.api_key_env:
             raise ValueError("give either api_key or api_key_env, not both")
         if self.speculation_schedule is not None:
-            from tandem_vllm.bench.schedule import validate
+            from tandem_vllm.vllm_adapter.engine import validate_k_schedule
 
             if self.speculative_config:
                 raise ValueError("speculation_schedule goes with drafter; inside speculative_config write "
                                  "num_speculative_tokens_per_batch_size")
             try:
-                validate(self.speculation_schedule, "speculation_schedule")
+                validate_k_schedule([list(r) for r in self.speculation_schedule], "speculation_schedule")
             except TandemError as e:
                 raise ValueError(str(e)) from None
             most = max(k for _, _, k in self.speculation_schedule)

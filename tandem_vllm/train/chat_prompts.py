@@ -80,11 +80,10 @@ def _functions(source: str) -> Iterable[tuple[str, str]]:
                textwrap.dedent("".join(lines[start - 1 : node.end_lineno])))
 
 
-def code_requests(files: list[Path], n: int, seed: int) -> list[dict[str, Any]]:
-    """n requests about standard-library functions, templates in turn, functions in a seeded order."""
-    from tandem_vllm.demo.corpus import read_sources
-
-    found = [f for text in read_sources(files) for f in _functions(text)]
+def code_requests(sources: Iterable[str], n: int, seed: int) -> list[dict[str, Any]]:
+    """n requests about the documented functions of Python ``sources`` (texts), templates in turn,
+    functions in a seeded order."""
+    found = [f for text in sources for f in _functions(text)]
     if not found:
         raise TandemError("no documented functions found in the corpus files for code requests")
     order = np.random.default_rng([seed, 3]).permutation(len(found))

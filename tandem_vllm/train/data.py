@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -13,8 +12,7 @@ import torch
 from torch import Tensor
 
 from tandem_vllm.errors import TandemError
-
-JSONL_KEYS = ("text", "prompt", "content")
+from tandem_vllm.prompts import JSONL_KEYS, jsonl_rows, jsonl_text, read_utf8
 
 
 def read_texts(paths: Iterable[str | Path]) -> list[str]:
@@ -33,30 +31,6 @@ def read_texts(paths: Iterable[str | Path]) -> list[str]:
     if not docs:
         raise TandemError("no data files given; pass at least one text or JSONL file")
     return docs
-
-
-def read_utf8(path: Path, what: str) -> str:
-    """The file's text; a file that is not UTF-8 is a one-line error naming ``what`` and the path."""
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise TandemError(f"{what} {path} is not UTF-8 (byte {e.start}); convert it with iconv -t utf-8") from None
-
-
-def jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed JSON) of each non-blank line; a line that is not JSON is a one-line error."""
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TandemError(f"{path}:{n} is not valid JSON ({e.msg}); one JSON object per line") from None
-
-
-def jsonl_text(obj: Any) -> str | None:
-    """A row's document: its first string field among JSONL_KEYS."""
-    return next((obj[k] for k in JSONL_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), str)), None)
 
 
 def _jsonl_docs(path: Path, text: str) -> list[str]:

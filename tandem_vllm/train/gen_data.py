@@ -34,7 +34,7 @@ import numpy as np
 
 from tandem_vllm.config import identity_differences
 from tandem_vllm.errors import TandemError
-from tandem_vllm.train.data import jsonl_rows, read_utf8
+from tandem_vllm.prompts import jsonl_rows, read_utf8
 
 MANIFEST = "manifest.json"
 FORMAT = "tandem-vllm/generated-v1"

@@ -492,6 +492,16 @@ def _train(args: TrainArgs, world: distributed.World, stop_after: int | None) ->
     return TrainResult(out=args.out, steps=args.steps, metrics=metrics, rank=world.rank)
 
 
+def train_once(args: TrainArgs) -> dict[str, float]:
+    """Train unless ``args.out`` already holds the export (its held-out metrics are returned); resume a
+    run an earlier attempt left unfinished. What a pipeline of resumable stages calls."""
+    summary = args.out / "train_summary.json"
+    if summary.is_file():
+        return dict(json.loads(summary.read_text())["eval"])
+    resume = (args.out / "checkpoints" / "latest").is_file()
+    return train(replace(args, resume=resume)).metrics
+
+
 def _layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks of a student or target (FSDP2's units): the children of its outermost
     ModuleLists (a block's own lists stay inside the block's unit)."""

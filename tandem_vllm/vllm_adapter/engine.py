@@ -177,3 +177,13 @@ def spec_metrics() -> dict[str, Any]:
 
 def spec_counters() -> dict[str, float]:
     return {k: v for k, v in spec_metrics().items() if isinstance(v, float)}
+
+
+def validate_k_schedule(raw: Any, where: str) -> list[tuple[int, int, int]]:
+    """A k schedule checked by vLLM's own validator (the one its engine runs), as a one-line TandemError."""
+    from vllm.v1.spec_decode.dynamic.utils import validate_and_normalize_dynamic_sd_schedule
+
+    try:
+        return validate_and_normalize_dynamic_sd_schedule(raw)
+    except (ValueError, TypeError) as e:
+        raise TandemError(f"{where}: {e} Expected [[first batch size, last batch size, k], ...] from 1 up") from None

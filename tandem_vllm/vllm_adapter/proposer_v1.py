@@ -56,6 +56,7 @@ from tandem_vllm.config import (
 )
 from tandem_vllm.errors import TandemError
 from tandem_vllm.modeling.router import Router, draft_lengths
+from tandem_vllm.speculation import DRAFT_SAMPLE_METHOD
 from tandem_vllm.vllm_adapter.drafter import TandemContext
 
 SUPPORTED_VLLM: Final = "0.32."
@@ -117,7 +118,7 @@ def refuse_missing_local_drafter(speculative_config: dict[str, Any] | None) -> N
 # its probabilities to the rejection sampler (accept with min(1, p/q)) is what lets a drafter that is
 # close to the target in distribution pay at T > 0 (ci pair, T=1, k=3: tau 1.21 -> 2.39). Greedy
 # requests still take the drafter's argmax.
-TANDEM_DRAFT_SAMPLING: Final = "probabilistic"
+TANDEM_DRAFT_SAMPLING: Final = DRAFT_SAMPLE_METHOD
 
 # "0": K = 0 steps run vLLM's whole first drafting pass instead of writing context K/V alone (the same
 # cache contents, slower; kept to compare the two and as an escape hatch for an unusual backend).

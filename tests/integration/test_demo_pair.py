@@ -10,7 +10,8 @@ from tandem_vllm.decoding.speculate import DraftModelProposer, TandemProposer, g
 from tandem_vllm.demo.build import build
 from tandem_vllm.modeling.pairing import load_baseline_for, load_tandem_for
 from tandem_vllm.modeling.target import load_causal_lm
-from tandem_vllm.quality import quality_report, read_prompts, write_report
+from tandem_vllm.prompts import read_prompts
+from tandem_vllm.quality import quality_report, write_report
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import vllm
 from tandem_vllm.decoding.speculate import generate
 from tandem_vllm.demo.build import build
 from tandem_vllm.modeling.target import load_causal_lm
-from tandem_vllm.quality import read_prompts
+from tandem_vllm.prompts import read_prompts
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from tandem_vllm.demo.build import build
 from tandem_vllm.errors import TandemError
 from tandem_vllm.modeling.reference import TandemDrafter
 from tandem_vllm.modeling.target import load_causal_lm
-from tandem_vllm.quality import read_prompts
+from tandem_vllm.prompts import read_prompts
 from tests.integration.helpers import other_target
 
 pytestmark = pytest.mark.slow

@@ -6,8 +6,22 @@ import re
 import pytest
 
 from tandem_vllm.bench.engine import rows_for
-from tandem_vllm.bench.schedule import UNBOUNDED, pick, read, speculative_config, validate
+from tandem_vllm.bench.schedule import pick
 from tandem_vllm.errors import TandemError
+from tandem_vllm.speculation import UNBOUNDED, drafter_config, read_k_schedule
+from tandem_vllm.vllm_adapter.engine import validate_k_schedule
+
+
+def validate(raw, where):
+    return validate_k_schedule(raw, where)
+
+
+def read(source):
+    return validate_k_schedule(read_k_schedule(source), str(source))
+
+
+def speculative_config(drafter, schedule):
+    return drafter_config(drafter, 0, schedule)
 
 
 def test_rows_without_and_with_a_router():
@@ -69,7 +83,7 @@ def test_schedule_refuses_what_vllm_refuses(bad, tmp_path):
     with pytest.raises(TandemError):
         validate(bad, "--k-schedule")
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(TandemError, match="cannot read a schedule"):
+    with pytest.raises(TandemError, match="cannot read a k schedule"):
         read(tmp_path / "bad.json")
 
 
@@ -103,7 +117,7 @@ def test_guards_add_a_guarded_row_for_every_drafter_they_act_on():
 
 
 def test_a_workload_line_may_constrain_its_output_with_a_regex(tmp_path):
-    from tandem_vllm.bench.engine import Prompt, read_workload
+    from tandem_vllm.prompts import Prompt, read_workload
 
     path = tmp_path / "w.jsonl"
     path.write_text('{"prompt": "def f():"}\n\n{"prompt": "key = \\"", "regex": "[0-9a-f]{8}", "temperature": 1}\n')
@@ -117,7 +131,7 @@ def test_a_workload_line_may_constrain_its_output_with_a_regex(tmp_path):
      ('{"prompt": "x", "temperature": "hot"}\n', ':1: "temperature" must be a number from 0 to 10')],
 )
 def test_a_bad_workload_is_one_line_naming_the_line(tmp_path, text, fragment):
-    from tandem_vllm.bench.engine import read_workload
+    from tandem_vllm.prompts import read_workload
 
     path = tmp_path / "w.jsonl"
     path.write_text(text)
