@@ -349,10 +349,10 @@ def _serve(a: argparse.Namespace) -> None:
     from tandem_vllm.serve.config import ServeConfig
     from tandem_vllm.serve.launch import serve_forever
 
-    passed = set(ServeConfig.model_fields) - {"speculative_config", "vllm_args", "speculation_schedule"}
+    passed = set(ServeConfig.model_fields) - {"speculative_config", "vllm_args", "k_schedule"}
     fields: dict[str, Any] = {k: getattr(a, k) for k in passed if getattr(a, k, None) is not None}
-    if a.speculation_schedule is not None:
-        fields["speculation_schedule"] = _k_schedule(a.speculation_schedule, "--speculation-schedule")
+    if a.k_schedule is not None:
+        fields["k_schedule"] = _k_schedule(a.k_schedule, "--k-schedule")
     if a.speculative_config is not None:
         try:
             fields["speculative_config"] = json.loads(a.speculative_config)
@@ -587,7 +587,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="local Hugging Face target directory (default: the embedded demo pair)")
     s.add_argument("--drafter", help="Tandem drafter directory (shortcut for --speculative-config)")
     s.add_argument("--num-speculative-tokens", type=int)
-    s.add_argument("--speculation-schedule", metavar="JSON",
+    s.add_argument("--k-schedule", "--speculation-schedule", dest="k_schedule", metavar="JSON",
                    help="with --drafter: k by batch size, a `bench schedule` report (or its [[first, last, k], ...] list)")
     s.add_argument("--speculative-config", help="vLLM speculative_config as JSON, as `vllm serve` takes it")
     s.add_argument("--no-speculation", action="store_true", default=None, help="serve the target alone")

@@ -21,12 +21,12 @@ from typing import Any
 import torch
 
 from tandem_vllm.decoding.speculate import (
-    DraftModelProposer,
-    Eagle3Proposer,
-    NgramProposer,
     Proposer,
+    ReferenceDraftModelProposer,
+    ReferenceEagle3Proposer,
+    ReferenceNgramProposer,
+    ReferenceTandemProposer,
     Sampling,
-    TandemProposer,
     generate,
 )
 from tandem_vllm.errors import TandemError
@@ -103,12 +103,12 @@ def continuations(target: Any, ids: list[list[int]], sampling: Sampling, max_new
 
 def _proposer(drafter: Any) -> tuple[Proposer, tuple[int, ...]]:
     if drafter == "ngram":
-        return NgramProposer(**NGRAM), ()
+        return ReferenceNgramProposer(**NGRAM), ()
     if isinstance(drafter, TandemDrafter):
-        return TandemProposer(drafter), drafter.cfg.tap_layers
+        return ReferenceTandemProposer(drafter), drafter.cfg.tap_layers
     if isinstance(drafter, Eagle3Head):
-        return Eagle3Proposer(drafter), drafter.cfg.tap_layers
-    return DraftModelProposer(drafter), ()
+        return ReferenceEagle3Proposer(drafter), drafter.cfg.tap_layers
+    return ReferenceDraftModelProposer(drafter), ()
 
 
 def quality_report(

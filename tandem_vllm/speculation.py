@@ -7,7 +7,7 @@
 * ``NGRAM``: the n-gram prompt lookup every benchmark compares against.
 * the **k schedule**: how many tokens to draft at each batch size, vLLM's
   ``num_speculative_tokens_per_batch_size`` -- (first batch size, last batch size, k) triples, inclusive.
-  ``bench schedule`` measures one; ``serve --speculation-schedule`` serves it. vLLM's own validator checks
+  ``bench schedule`` measures one; ``serve --k-schedule`` serves it. vLLM's own validator checks
   it (``vllm_adapter.engine.validate_k_schedule``).
 """
 

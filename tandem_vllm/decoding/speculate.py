@@ -2,9 +2,9 @@
 
 Every decoder is ``generate`` with a different proposer:
   * target alone        -- no proposer, k = 0 (each target pass emits one token);
-  * SPEED               -- ``DraftModelProposer`` (a standalone causal LM with its own KV cache);
-  * Tandem+SPEED        -- ``TandemProposer`` (context K/V from the target's own hidden states);
-  * standalone Tandem   -- ``TandemProposer`` with ``mode="standalone"``: drafts are kept without
+  * SPEED               -- ``ReferenceDraftModelProposer`` (a standalone causal LM with its own KV cache);
+  * Tandem+SPEED        -- ``ReferenceTandemProposer`` (context K/V from the target's own hidden states);
+  * standalone Tandem   -- ``ReferenceTandemProposer`` with ``mode="standalone"``: drafts are kept without
     verification and the target's pass over the block only refreshes context (+ one free token).
 Acceptance is standard speculative sampling, so in "speed" mode the output distribution is
 exactly the target's (and at temperature 0 the output is token-for-token the target's).
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from tandem_vllm.errors import TandemError
 from tandem_vllm.modeling.reference import DrafterCache, TandemDrafter
-from tandem_vllm.modeling.router import Router
+from tandem_vllm.modeling.router import BlockLengthRouter
 from tandem_vllm.modeling.target import CausalLMRunner, StepOutput
 
 
@@ -99,7 +99,7 @@ class Proposer(Protocol):
     def observe(self, block: Tensor, keep: Tensor, target_out: StepOutput) -> None: ...
 
 
-class DraftModelProposer:
+class ReferenceDraftModelProposer:
     """SPEED's drafter: an ordinary causal LM with its own KV cache over the whole sequence."""
 
     def __init__(self, model: Any) -> None:
@@ -135,14 +135,14 @@ class DraftModelProposer:
         self.pending = (block[:, k], keep[:, k])  # d_k, if accepted, was never run by the drafter
 
 
-class TandemProposer:
+class ReferenceTandemProposer:
     """Tandem's drafter: context K/V come from the target's hidden states of every processed token.
 
     With a ``router`` (adaptive block length) a row stops drafting at the first position the router
     predicts the target would reject; the batch stops once every row has.
     """
 
-    def __init__(self, drafter: TandemDrafter, router: Router | None = None) -> None:
+    def __init__(self, drafter: TandemDrafter, router: BlockLengthRouter | None = None) -> None:
         self.drafter = drafter
         self.router = router
         self.cache: DrafterCache | None = None
@@ -183,7 +183,7 @@ class TandemProposer:
         self._extend(target_out, keep)
 
 
-class NgramProposer:
+class ReferenceNgramProposer:
     """vLLM's n-gram prompt lookup (``"method": "ngram"``), for the reference decoders: find the
     longest n-gram (prompt_lookup_min..max tokens) ending the context that occurred earlier in it
     (the earliest such occurrence), and propose the up-to-k tokens that followed it. No match, no
@@ -219,7 +219,7 @@ class NgramProposer:
             h.extend(t for t, o in zip(row, ok) if o)
 
 
-class Eagle3Proposer:
+class ReferenceEagle3Proposer:
     """EAGLE-3 (vLLM's ``eagle3`` method) for the reference decoders: the head's first pass over the
     newly verified positions (their target taps and the tokens that follow them), then draft steps
     on its own states. Rows are drafted one at a time (``Eagle3Drafter`` holds one sequence)."""

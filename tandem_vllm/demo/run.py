@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from tandem_vllm.decoding.speculate import Sampling, TandemProposer, generate
+from tandem_vllm.decoding.speculate import ReferenceTandemProposer, Sampling, generate
 from tandem_vllm.errors import TandemError
 from tandem_vllm.modeling.pairing import load_tandem_for
 from tandem_vllm.modeling.target import load_causal_lm
@@ -35,7 +35,7 @@ def run_generation(
     kw: dict = {}
     if drafter is not None:
         tandem = load_tandem_for(lm, drafter)
-        kw = dict(proposer=TandemProposer(tandem), k=k, taps=tandem.cfg.tap_layers, mode=mode)
+        kw = dict(proposer=ReferenceTandemProposer(tandem), k=k, taps=tandem.cfg.tap_layers, mode=mode)
     t0 = time.perf_counter()
     gen = generate(lm.model, ids, max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=tok.eos_token_id,
                    seed=seed, **kw)

@@ -1,4 +1,4 @@
-"""Adaptive block length: the paper's router.
+"""Adaptive block length: the paper's block-length router (not Ray Serve's request router).
 
 Before the drafter's next token is proposed, a 2-layer MLP reads the drafter's next-token
 distribution -- its entropy, its top-k probabilities and the drafter's own embeddings of those
@@ -30,7 +30,7 @@ ROUTER_WEIGHTS = "router.safetensors"
 
 
 @dataclass(frozen=True)
-class RouterConfig:
+class BlockLengthRouterConfig:
     embed_dim: int  # the drafter's hidden size (its token embeddings are features)
     top_k: int = 4
     hidden: int = 64
@@ -47,8 +47,8 @@ class RouterConfig:
         return 1 + self.top_k + self.top_k * self.embed_dim
 
 
-class Router(nn.Module):
-    def __init__(self, cfg: RouterConfig) -> None:
+class BlockLengthRouter(nn.Module):
+    def __init__(self, cfg: BlockLengthRouterConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.net = nn.Sequential(nn.Linear(cfg.num_features, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, 1))
@@ -82,7 +82,7 @@ class Router(nn.Module):
                   str(directory / ROUTER_WEIGHTS), metadata={"format": "pt"})
 
     @classmethod
-    def load(cls, drafter_dir: str | Path, *, device: torch.device | str = "cpu") -> Router | None:
+    def load(cls, drafter_dir: str | Path, *, device: torch.device | str = "cpu") -> BlockLengthRouter | None:
         """The router stored with a drafter, or None when the drafter has none."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -91,7 +91,7 @@ class Router(nn.Module):
         if not (directory / ROUTER_CONFIG).is_file():
             return None
         try:
-            cfg = RouterConfig(**json.loads((directory / ROUTER_CONFIG).read_text()))
+            cfg = BlockLengthRouterConfig(**json.loads((directory / ROUTER_CONFIG).read_text()))
             router = cls(cfg)
             router.load_state_dict(load_file(str(directory / ROUTER_WEIGHTS)))
         except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as e:

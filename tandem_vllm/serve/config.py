@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tandem_vllm.config import MAX_SPECULATIVE_TOKENS
 from tandem_vllm.errors import TandemError
@@ -65,7 +65,9 @@ class ServeConfig(BaseModel):
         "defaults every request gets (a request overrides them with vllm_xargs speculate_<name>): max_context (no "
         "drafts once a request's context reaches N tokens), min_acceptance with window and backoff (a request "
         "whose last `window` draft tokens were accepted less than this often drafts nothing for `backoff` steps).")
-    speculation_schedule: list[tuple[int, int, int]] | None = Field(None, description="With `drafter`: how many "
+    k_schedule: list[tuple[int, int, int]] | None = Field(
+        None, validation_alias=AliasChoices("k_schedule", "speculation_schedule"),  # its earlier name still works
+        description="The k schedule. With `drafter`: how many "
         "tokens to draft at each number of running requests, as vLLM's num_speculative_tokens_per_batch_size "
         "([first, last, k] ranges from 1; k = 0 drafts nothing), e.g. the `schedule` that `tandem-vllm bench "
         "schedule` measures for the pair. None: num_speculative_tokens at every batch size.")
@@ -115,19 +117,19 @@ class ServeConfig(BaseModel):
             raise ValueError("no_speculation contradicts the drafter / speculative_config also given")
         if self.api_key and self.api_key_env:
             raise ValueError("give either api_key or api_key_env, not both")
-        if self.speculation_schedule is not None:
+        if self.k_schedule is not None:
             from tandem_vllm.vllm_adapter.engine import validate_k_schedule
 
             if self.speculative_config:
-                raise ValueError("speculation_schedule goes with drafter; inside speculative_config write "
+                raise ValueError("k_schedule goes with drafter; inside speculative_config write "
                                  "num_speculative_tokens_per_batch_size")
             try:
-                validate_k_schedule([list(r) for r in self.speculation_schedule], "speculation_schedule")
+                validate_k_schedule([list(r) for r in self.k_schedule], "k_schedule")
             except TandemError as e:
                 raise ValueError(str(e)) from None
-            most = max(k for _, _, k in self.speculation_schedule)
+            most = max(k for _, _, k in self.k_schedule)
             if most > self.num_speculative_tokens:
-                raise ValueError(f"speculation_schedule drafts up to {most} tokens; raise num_speculative_tokens "
+                raise ValueError(f"k_schedule drafts up to {most} tokens; raise num_speculative_tokens "
                                  f"({self.num_speculative_tokens}) to {most}")
         if self.speculation_guards:
             from tandem_vllm.vllm_adapter.guards import Guards
@@ -177,8 +179,8 @@ class ServeConfig(BaseModel):
         if self.drafter:
             spec: dict[str, Any] = {"model": self.drafter, "num_speculative_tokens": self.num_speculative_tokens,
                                     "draft_sample_method": self.draft_sample_method}
-            if self.speculation_schedule:
-                spec["num_speculative_tokens_per_batch_size"] = [list(r) for r in self.speculation_schedule]
+            if self.k_schedule:
+                spec["num_speculative_tokens_per_batch_size"] = [list(r) for r in self.k_schedule]
             return spec
         return None
 

@@ -25,7 +25,7 @@ import torch
 from tandem_vllm.config import TandemConfig, check_target, target_identity
 from tandem_vllm.errors import TandemError
 from tandem_vllm.modeling.reference import TandemDrafter
-from tandem_vllm.modeling.router import ROUTER_DIR, Router, RouterConfig
+from tandem_vllm.modeling.router import ROUTER_DIR, BlockLengthRouter, BlockLengthRouterConfig
 from tandem_vllm.modeling.target import hidden_taps, load_causal_lm
 from tandem_vllm.train.data import pack, read_texts
 
@@ -57,7 +57,7 @@ class RouterArgs:
 
 
 @torch.no_grad()
-def collect(args: RouterArgs, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, Router]:
+def collect(args: RouterArgs, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, BlockLengthRouter]:
     """(features (N, F), labels (N,)) from the pair on the data, and an untrained router for them."""
     from tqdm import tqdm
 
@@ -65,7 +65,7 @@ def collect(args: RouterArgs, progress: bool = True) -> tuple[torch.Tensor, torc
     drafter = TandemDrafter.load(args.drafter)
     check_target(drafter.cfg, target_identity(str(args.target), target.model.config, target.tokenizer),
                  drafter_path=str(args.drafter))
-    router = Router(RouterConfig(embed_dim=drafter.cfg.hidden_size, top_k=args.top_k, hidden=args.hidden,
+    router = BlockLengthRouter(BlockLengthRouterConfig(embed_dim=drafter.cfg.hidden_size, top_k=args.top_k, hidden=args.hidden,
                                  threshold=args.threshold))
     rows = pack(read_texts(args.data), target.tokenizer, args.seq_len)
     if len(rows) == 0:
@@ -89,7 +89,7 @@ def collect(args: RouterArgs, progress: bool = True) -> tuple[torch.Tensor, torc
     return torch.cat(feats)[: args.max_positions], torch.cat(labels)[: args.max_positions], router
 
 
-def fit(router: Router, x: torch.Tensor, y: torch.Tensor, args: RouterArgs, progress: bool = True) -> dict[str, float]:
+def fit(router: BlockLengthRouter, x: torch.Tensor, y: torch.Tensor, args: RouterArgs, progress: bool = True) -> dict[str, float]:
     """BCE on 90% of the positions; metrics on the other 10% at the router's threshold."""
     from tqdm import tqdm
 
@@ -151,7 +151,7 @@ def _auc(score: torch.Tensor, label: torch.Tensor) -> float:
     return float((ranks[label].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
-def export(args: RouterArgs, router: Router, metrics: dict[str, float]) -> None:
+def export(args: RouterArgs, router: BlockLengthRouter, metrics: dict[str, float]) -> None:
     """A new drafter directory: the drafter's files (hard-linked where possible) + the router."""
     TandemConfig.load(args.drafter)  # a readable drafter checkpoint, or a clear error
     tmp = args.out.with_name(args.out.name + ".tmp")

@@ -360,7 +360,7 @@ def _generated_rows(args: TrainArgs, teacher: LoadedLM | None, tok: Any) -> tupl
     return rows[:-n_eval], masks[:-n_eval], rows[-n_eval:], masks[-n_eval:]
 
 
-def _schedule(args: TrainArgs) -> Any:
+def _lr_schedule(args: TrainArgs) -> Any:
     def factor(step: int) -> float:
         if step < args.warmup:
             return (step + 1) / args.warmup
@@ -428,7 +428,7 @@ def _train(args: TrainArgs, world: distributed.World, stop_after: int | None) ->
     model = distributed.wrap(core, world, args.parallel, device, shard, methods=("context_kv",))
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(args))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_schedule(args))
     ckpts = args.out / CKPT_DIR
     start = _prepare_run_dir(args, world, ckpts, core, opt, sched)
 

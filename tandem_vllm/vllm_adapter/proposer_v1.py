@@ -55,7 +55,7 @@ from tandem_vllm.config import (
     target_identity,
 )
 from tandem_vllm.errors import TandemError
-from tandem_vllm.modeling.router import Router, draft_lengths
+from tandem_vllm.modeling.router import BlockLengthRouter, draft_lengths
 from tandem_vllm.speculation import DRAFT_SAMPLE_METHOD
 from tandem_vllm.vllm_adapter.drafter import TandemContext
 
@@ -139,7 +139,7 @@ class TandemProposer(DraftModelProposer):
         # concatenation, in ascending layer order, is what ``propose`` receives as target_hidden_states.
         self.draft_model_config.hf_config.eagle_aux_hidden_state_layer_ids = sorted(set(self.tandem.tap_layers))
         self._context: TandemContext | None = None
-        self.router = Router.load(spec.draft_model_config.model, device=device)
+        self.router = BlockLengthRouter.load(spec.draft_model_config.model, device=device)
         if self.router is not None and vllm_config.scheduler_config.async_scheduling:
             logger.warning("the drafter's router is off: asynchronous scheduling verifies drafts before they can be "
                            "cut; pass --no-async-scheduling to draft adaptively")

@@ -395,10 +395,10 @@ def test_a_measured_schedule_reaches_the_drafter_config(chart):
 
     args = app_args(one(manifests(chart, _deep_merge(MINIMAL, {"speculation": {"schedule": [[1, 2, 3], [3, 1048576, 1]]}})),
                         "RayService"))
-    assert args["speculation_schedule"] == [[1, 2, 3], [3, 1048576, 1]]
+    assert args["k_schedule"] == [[1, 2, 3], [3, 1048576, 1]]
     spec = ServeConfig.parse(args).speculation()
     assert spec is not None and spec["num_speculative_tokens_per_batch_size"] == [[1, 2, 3], [3, 1048576, 1]]
-    assert "speculation_schedule" not in app_args(one(manifests(chart, MINIMAL), "RayService"))
+    assert "k_schedule" not in app_args(one(manifests(chart, MINIMAL), "RayService"))
 
 
 def test_a_missing_model_is_refused_and_the_demo_needs_none(chart):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tandem_vllm.decoding.speculate import DraftModelProposer, TandemProposer, generate
+from tandem_vllm.decoding.speculate import ReferenceDraftModelProposer, ReferenceTandemProposer, generate
 from tandem_vllm.demo.build import build
 from tandem_vllm.modeling.pairing import load_baseline_for, load_tandem_for
 from tandem_vllm.modeling.target import load_causal_lm
@@ -55,10 +55,10 @@ def test_greedy_speculation_on_the_demo_pair_equals_target_alone(pair, kind):
     want = generate(target.model, ids, max_new_tokens=32)
     if kind == "tandem":
         drafter = load_tandem_for(target, m["tandem"])
-        got = generate(target.model, ids, max_new_tokens=32, proposer=TandemProposer(drafter), k=5,
+        got = generate(target.model, ids, max_new_tokens=32, proposer=ReferenceTandemProposer(drafter), k=5,
                        taps=drafter.cfg.tap_layers)
     else:
-        got = generate(target.model, ids, max_new_tokens=32, proposer=DraftModelProposer(load_baseline_for(target, m["baseline"]).model), k=5)
+        got = generate(target.model, ids, max_new_tokens=32, proposer=ReferenceDraftModelProposer(load_baseline_for(target, m["baseline"]).model), k=5)
     assert got.tokens == want.tokens
     assert got.stats.tau > 1.2  # trained drafters do get drafts accepted
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import vllm
 
-from tandem_vllm.decoding.speculate import TandemProposer, generate
+from tandem_vllm.decoding.speculate import ReferenceTandemProposer, generate
 from tandem_vllm.demo.build import build
 from tandem_vllm.errors import TandemError
 from tandem_vllm.modeling.reference import TandemDrafter
@@ -106,7 +106,7 @@ def test_tau_through_vllm_matches_the_reference_decoder(demo, tandem_llm, prompt
         target.model,
         ids,
         max_new_tokens=MAX_TOKENS,
-        proposer=TandemProposer(drafter),
+        proposer=ReferenceTandemProposer(drafter),
         k=K,
         taps=drafter.cfg.tap_layers,
         eos_token_id=target.tokenizer.eos_token_id,
@@ -324,7 +324,7 @@ def test_the_router_cuts_drafts_inside_vllm_as_in_the_reference(demo, prompts, t
     """A drafter directory with a router drafts adaptively in vLLM: fewer draft tokens are verified
     than k per step, output stays the target's, and drafts and tau match the reference decoder with
     the same router."""
-    from tandem_vllm.modeling.router import Router
+    from tandem_vllm.modeling.router import BlockLengthRouter
 
     llm = vllm.LLM(model=demo["target"], speculative_config={"model": str(router_dir), "num_speculative_tokens": K},
                    **ENGINE)
@@ -340,7 +340,7 @@ def test_the_router_cuts_drafts_inside_vllm_as_in_the_reference(demo, prompts, t
     ids = [target.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     drafter = TandemDrafter.load(demo["tandem"])
     ref = generate(target.model, ids, max_new_tokens=MAX_TOKENS, k=K, taps=drafter.cfg.tap_layers,
-                   proposer=TandemProposer(drafter, Router.load(router_dir)), eos_token_id=target.tokenizer.eos_token_id)
+                   proposer=ReferenceTandemProposer(drafter, BlockLengthRouter.load(router_dir)), eos_token_id=target.tokenizer.eos_token_id)
     assert got == ref.tokens
     passes = ref.stats.target_passes - len(ids)  # verification passes (prefill excluded)
     assert float(d["num_draft_tokens"]) == pytest.approx(ref.stats.drafted, rel=0.03)
@@ -399,7 +399,7 @@ def test_eagle3_peer_through_vllm_matches_its_reference_decoder(demo, prompts, t
     """The EAGLE-3 head the trainer exports loads in vLLM's own eagle3 method: greedy output is the
     target's, and vLLM drafts and accepts exactly what the reference EAGLE-3 decoder does (so the
     benchmark's EAGLE-3 row is the head we trained, computed as we compute it)."""
-    from tandem_vllm.decoding.speculate import Eagle3Proposer
+    from tandem_vllm.decoding.speculate import ReferenceEagle3Proposer
     from tandem_vllm.modeling.pairing import load_eagle3_for
 
     llm = vllm.LLM(model=demo["target"], speculative_config={"method": "eagle3", "model": demo["eagle3"],
@@ -413,7 +413,7 @@ def test_eagle3_peer_through_vllm_matches_its_reference_decoder(demo, prompts, t
     target = load_causal_lm(demo["target"])
     head = load_eagle3_for(target, demo["eagle3"])
     ids = [target.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[:16]]
-    ref = generate(target.model, ids, max_new_tokens=MAX_TOKENS, proposer=Eagle3Proposer(head), k=K,
+    ref = generate(target.model, ids, max_new_tokens=MAX_TOKENS, proposer=ReferenceEagle3Proposer(head), k=K,
                    taps=head.cfg.tap_layers, eos_token_id=target.tokenizer.eos_token_id)
     assert ref.tokens == got
     # chunked prefill sums attention in another order than the reference: a near-tied draft can flip

@@ -6,9 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tandem_vllm.decoding.speculate import Sampling, TandemProposer, generate
+from tandem_vllm.decoding.speculate import ReferenceTandemProposer, Sampling, generate
 from tandem_vllm.errors import TandemError
-from tandem_vllm.modeling.router import ROUTER_DIR, ROUTER_WEIGHTS, Router, RouterConfig, draft_lengths
+from tandem_vllm.modeling.router import (
+    ROUTER_DIR,
+    ROUTER_WEIGHTS,
+    BlockLengthRouter,
+    BlockLengthRouterConfig,
+    draft_lengths,
+)
 
 from ..conftest import tiny_tandem
 from .test_speculate import PROMPTS, STEPS, N, _chi2_pvalue, _exact_joint, _sharpen, tiny_vocab_pair  # noqa: F401
@@ -47,10 +53,10 @@ def test_verify_treats_a_shortened_row_as_a_block_of_its_length():
 
 
 def test_features_are_entropy_top_probabilities_and_top_embeddings():
-    router = Router(RouterConfig(embed_dim=3, top_k=2))
+    router = BlockLengthRouter(BlockLengthRouterConfig(embed_dim=3, top_k=2))
     embed = torch.arange(15, dtype=torch.float32).reshape(5, 3)
     flat = router.features(torch.zeros(1, 5), embed)[0]
-    assert flat.shape == (RouterConfig(embed_dim=3, top_k=2).num_features,)
+    assert flat.shape == (BlockLengthRouterConfig(embed_dim=3, top_k=2).num_features,)
     assert flat[0] == pytest.approx(1.0)  # uniform: maximal entropy, normalised to 1
     assert flat[1:3].tolist() == pytest.approx([0.2, 0.2])
     sharp = router.features(torch.tensor([[0.0, 0.0, 30.0, 0.0, 20.0]]), embed)[0]
@@ -60,24 +66,24 @@ def test_features_are_entropy_top_probabilities_and_top_embeddings():
 
 def test_router_checkpoint_round_trip_and_a_corrupt_one_is_named(tmp_path):
     torch.manual_seed(0)
-    router = Router(RouterConfig(embed_dim=8, top_k=3, hidden=16, threshold=0.3))
+    router = BlockLengthRouter(BlockLengthRouterConfig(embed_dim=8, top_k=3, hidden=16, threshold=0.3))
     router.save(tmp_path)
-    back = Router.load(tmp_path)
+    back = BlockLengthRouter.load(tmp_path)
     assert back is not None and back.cfg == router.cfg
     x = torch.randn(5, router.cfg.num_features)
     assert torch.equal(back(x), router(x))
-    assert Router.load(tmp_path / "elsewhere") is None  # a drafter without a router
+    assert BlockLengthRouter.load(tmp_path / "elsewhere") is None  # a drafter without a router
     assert not list(tmp_path.glob("*.safetensors"))  # out of the way of model loaders
     (tmp_path / ROUTER_DIR / ROUTER_WEIGHTS).write_bytes(b"not safetensors")
     with pytest.raises(TandemError, match="router files are unreadable"):
-        Router.load(tmp_path)
+        BlockLengthRouter.load(tmp_path)
     with pytest.raises(TandemError, match="threshold"):
-        RouterConfig(embed_dim=8, threshold=1.5)
+        BlockLengthRouterConfig(embed_dim=8, threshold=1.5)
 
 
-def _router_for(drafter, threshold: float, seed: int = 3) -> Router:
+def _router_for(drafter, threshold: float, seed: int = 3) -> BlockLengthRouter:
     torch.manual_seed(seed)
-    return Router(RouterConfig(embed_dim=drafter.cfg.hidden_size, top_k=2, hidden=8, threshold=threshold)).eval()
+    return BlockLengthRouter(BlockLengthRouterConfig(embed_dim=drafter.cfg.hidden_size, top_k=2, hidden=8, threshold=threshold)).eval()
 
 
 @pytest.mark.parametrize("batch", [1, 4])
@@ -85,17 +91,17 @@ def test_greedy_with_a_router_is_identical_to_target_alone_with_fewer_drafts(tar
     drafter = tiny_tandem(target, layers=2)
     prompts, k = PROMPTS[:batch], 4
     want = generate(target, prompts, max_new_tokens=20).tokens
-    fixed = generate(target, prompts, max_new_tokens=20, proposer=TandemProposer(drafter), k=k,
+    fixed = generate(target, prompts, max_new_tokens=20, proposer=ReferenceTandemProposer(drafter), k=k,
                      taps=drafter.cfg.tap_layers)
     router = _router_for(drafter, threshold=0.5)
     probs = router.accept_prob(torch.randn(200, target.config.vocab_size), drafter.model.embed_tokens.weight)
     assert 0.05 < float((probs < 0.5).float().mean()) < 0.95  # this router really stops sometimes
-    got = generate(target, prompts, max_new_tokens=20, proposer=TandemProposer(drafter, router), k=k,
+    got = generate(target, prompts, max_new_tokens=20, proposer=ReferenceTandemProposer(drafter, router), k=k,
                    taps=drafter.cfg.tap_layers)
     assert got.tokens == want == fixed.tokens
     assert got.stats.drafted < k * got.stats.target_passes - got.stats.emitted  # blocks were shortened
     assert got.stats.drafted < fixed.stats.drafted
-    never = generate(target, prompts, max_new_tokens=20, proposer=TandemProposer(drafter, _router_for(drafter, 0.0)),
+    never = generate(target, prompts, max_new_tokens=20, proposer=ReferenceTandemProposer(drafter, _router_for(drafter, 0.0)),
                      k=k, taps=drafter.cfg.tap_layers)
     assert never.stats.as_dict() == fixed.stats.as_dict()  # threshold 0: fixed blocks exactly
 
@@ -108,7 +114,7 @@ def test_sampling_with_a_router_keeps_the_target_distribution(tiny_vocab_pair):
     with torch.no_grad():  # make it stop on roughly half of the positions
         router.net[2].bias.fill_(0.0)
     got = generate(target, [prompt] * N, max_new_tokens=STEPS, sampling=Sampling(temperature=1.0), seed=5,
-                   proposer=TandemProposer(tandem, router), k=3, taps=tandem.cfg.tap_layers)
+                   proposer=ReferenceTandemProposer(tandem, router), k=3, taps=tandem.cfg.tap_layers)
     passes_if_fixed = got.stats.target_passes - N  # decode passes (the prefill pass drafts nothing)
     assert got.stats.drafted < 3 * passes_if_fixed  # the router shortened blocks
     assert _chi2_pvalue(got.tokens, _exact_joint(target, prompt)) > 1e-3

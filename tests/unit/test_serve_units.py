@@ -56,9 +56,9 @@ def test_a_measured_schedule_becomes_vllms_dynamic_k():
         ({"api_key_env": "not a name"}, "api_key_env"),
         ({"speculation_guards": {"max_ctx": 5}}, "unknown guard max_ctx"),
         ({"speculation_guards": {"min_acceptance": 3}}, "min_acceptance <= 1"),
-        ({"drafter": "/d", "speculation_schedule": [[2, 8, 1]]}, "first batch-size range must start at 1"),
-        ({"drafter": "/d", "speculation_schedule": [[1, 8, 4]]}, "raise num_speculative_tokens (3) to 4"),
-        ({"speculative_config": {"model": "/d"}, "speculation_schedule": [[1, 8, 1]]}, "goes with drafter"),
+        ({"drafter": "/d", "k_schedule": [[2, 8, 1]]}, "first batch-size range must start at 1"),
+        ({"drafter": "/d", "k_schedule": [[1, 8, 4]]}, "raise num_speculative_tokens (3) to 4"),
+        ({"speculative_config": {"model": "/d"}, "k_schedule": [[1, 8, 1]]}, "goes with drafter"),
     ],
 )
 def test_bad_config_is_one_readable_error(data, fragment):

@@ -6,9 +6,9 @@ from scipy.stats import chisquare
 
 from tandem_vllm.decoding import speculate
 from tandem_vllm.decoding.speculate import (
-    DraftModelProposer,
+    ReferenceDraftModelProposer,
+    ReferenceTandemProposer,
     Sampling,
-    TandemProposer,
     generate,
     to_probs,
     verify,
@@ -38,8 +38,8 @@ def test_target_alone_matches_naive_greedy(target):
 def _decoders(target, draft_lm):
     drafter = tiny_tandem(target, layers=2)
     return {
-        "speed": lambda k: dict(proposer=DraftModelProposer(draft_lm), k=k),
-        "tandem": lambda k: dict(proposer=TandemProposer(drafter), k=k, taps=drafter.cfg.tap_layers),
+        "speed": lambda k: dict(proposer=ReferenceDraftModelProposer(draft_lm), k=k),
+        "tandem": lambda k: dict(proposer=ReferenceTandemProposer(drafter), k=k, taps=drafter.cfg.tap_layers),
     }
 
 
@@ -57,7 +57,7 @@ def test_greedy_speculation_is_identical_to_target_alone(target, draft_lm, kind,
 
 
 def test_drafter_that_is_the_target_accepts_everything(target):
-    got = generate(target, PROMPTS, max_new_tokens=16, proposer=DraftModelProposer(target), k=3)
+    got = generate(target, PROMPTS, max_new_tokens=16, proposer=ReferenceDraftModelProposer(target), k=3)
     assert got.stats.acceptance_rate == 1.0
     assert got.tokens == generate(target, PROMPTS, max_new_tokens=16).tokens
 
@@ -65,7 +65,7 @@ def test_drafter_that_is_the_target_accepts_everything(target):
 def test_standalone_tandem_keeps_drafts_and_takes_a_free_target_token_per_block(target):
     drafter = tiny_tandem(target)
     k = 3
-    got = generate(target, PROMPTS[:2], max_new_tokens=9, proposer=TandemProposer(drafter), k=k,
+    got = generate(target, PROMPTS[:2], max_new_tokens=9, proposer=ReferenceTandemProposer(drafter), k=k,
                    taps=drafter.cfg.tap_layers, mode="standalone")
     for prompt, out in zip(PROMPTS[:2], got.tokens):
         assert len(out) == 9
@@ -99,7 +99,7 @@ def test_bad_sampling_and_k_are_refused(target):
     with pytest.raises(TandemError, match="temperature"):
         Sampling(temperature=-1)
     with pytest.raises(TandemError, match="k=0"):
-        generate(target, PROMPTS, max_new_tokens=4, proposer=DraftModelProposer(target), k=0)
+        generate(target, PROMPTS, max_new_tokens=4, proposer=ReferenceDraftModelProposer(target), k=0)
 
 
 # ---- sampling exactness ------------------------------------------------------------------------
@@ -152,11 +152,11 @@ def test_sampling_keeps_the_target_distribution(tiny_vocab_pair, kind):
     target, draft_lm = tiny_vocab_pair
     prompt = [1, 3, 0, 2]
     if kind == "speed":
-        kw = dict(proposer=DraftModelProposer(draft_lm), k=2)
+        kw = dict(proposer=ReferenceDraftModelProposer(draft_lm), k=2)
     else:
         tandem = tiny_tandem(target, layers=1, seed=13)
         _sharpen(tandem, 12.0)
-        kw = dict(proposer=TandemProposer(tandem), k=2, taps=tandem.cfg.tap_layers)
+        kw = dict(proposer=ReferenceTandemProposer(tandem), k=2, taps=tandem.cfg.tap_layers)
     got = generate(target, [prompt] * N, max_new_tokens=STEPS, sampling=Sampling(temperature=1.0), seed=5, **kw)
     assert 0.1 < got.stats.acceptance_rate < 0.95  # the drafter really differs from the target
     assert _chi2_pvalue(got.tokens, _exact_joint(target, prompt)) > 1e-3
@@ -172,7 +172,7 @@ def test_chi_square_check_catches_blind_acceptance(tiny_vocab_pair, monkeypatch)
     monkeypatch.setattr(speculate, "verify", accept_all)
     prompt = [1, 3, 0, 2]
     got = generate(target, [prompt] * N, max_new_tokens=STEPS, sampling=Sampling(temperature=1.0), seed=5,
-                   proposer=DraftModelProposer(draft_lm), k=2)
+                   proposer=ReferenceDraftModelProposer(draft_lm), k=2)
     assert _chi2_pvalue(got.tokens, _exact_joint(target, prompt)) < 1e-6
 
 
@@ -221,10 +221,10 @@ def test_acceptance_counts_match_the_teacher_forced_walk(kind, k):
     target = tiny_llama(vocab=5, layers=2, hidden=32, seed=21)
     if kind == "tandem":
         drafter = tiny_tandem(target, layers=2, seed=22)
-        kw = dict(proposer=TandemProposer(drafter), k=k, taps=drafter.cfg.tap_layers)
+        kw = dict(proposer=ReferenceTandemProposer(drafter), k=k, taps=drafter.cfg.tap_layers)
     else:
         drafter = tiny_llama(vocab=5, layers=1, hidden=32, seed=22)
-        kw = dict(proposer=DraftModelProposer(drafter), k=k)
+        kw = dict(proposer=ReferenceDraftModelProposer(drafter), k=k)
     prompts = [[1, 2, 3, 4, 0, 1, 2], [3, 3], [4, 0, 2, 1]]
     got = generate(target, prompts, max_new_tokens=24, **kw)
     passes, accepted = _oracle(target, prompts, k, 24, kind, drafter)
@@ -236,12 +236,12 @@ def test_acceptance_counts_match_the_teacher_forced_walk(kind, k):
 def test_greedy_tandem_with_a_qwen2_target_is_identical_to_target_alone(qwen_target, k):
     drafter = tiny_tandem(qwen_target, layers=2, taps=(0, 3))
     want = generate(qwen_target, PROMPTS, max_new_tokens=16).tokens
-    got = generate(qwen_target, PROMPTS, max_new_tokens=16, proposer=TandemProposer(drafter), k=k, taps=(0, 3))
+    got = generate(qwen_target, PROMPTS, max_new_tokens=16, proposer=ReferenceTandemProposer(drafter), k=k, taps=(0, 3))
     assert got.tokens == want
 
 
 def test_ngram_lookup_takes_the_longest_match_at_its_earliest_occurrence():
-    ng = speculate.NgramProposer(prompt_lookup_min=2, prompt_lookup_max=3)
+    ng = speculate.ReferenceNgramProposer(prompt_lookup_min=2, prompt_lookup_max=3)
     #        0  1  2  3  4  5  6  7  8  9
     ctx = [1, 2, 3, 9, 1, 2, 3, 8, 2, 3]
     # suffix (2, 3) occurs at 1 and 5 (earliest: 1); (x, 2, 3) with x=8 never occurred before
@@ -255,7 +255,7 @@ def test_ngram_decoding_is_lossless_and_counts_steps_without_drafts():
     target = tiny_llama(vocab=6, layers=2, hidden=32, seed=31)  # a tiny vocabulary repeats n-grams
     prompts = [[1, 2, 3, 1, 2, 3, 1, 2], [4, 5, 0], [3, 3, 3, 3]]
     want = generate(target, prompts, max_new_tokens=20)
-    got = generate(target, prompts, max_new_tokens=20, proposer=speculate.NgramProposer(), k=3)
+    got = generate(target, prompts, max_new_tokens=20, proposer=speculate.ReferenceNgramProposer(), k=3)
     assert got.tokens == want.tokens
     s = got.stats
     assert s.accepted > 0 and s.target_passes < want.stats.target_passes

@@ -145,7 +145,7 @@ def test_gradient_accumulation_equals_the_larger_batch(workdir):
 def test_tandem_trains_against_a_qwen2_target_and_decodes_losslessly(workdir):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from tandem_vllm.decoding.speculate import TandemProposer, generate
+    from tandem_vllm.decoding.speculate import ReferenceTandemProposer, generate
 
     tok = load_causal_lm(workdir / "target").tokenizer
     qdir = workdir / "qwen-target"
@@ -159,7 +159,7 @@ def test_tandem_trains_against_a_qwen2_target_and_decodes_losslessly(workdir):
     assert drafter.cfg.tap_layers == (0, 3) and drafter.cfg.target.architectures == ("Qwen2ForCausalLM",)
     prompts = [tok("def main():\n", add_special_tokens=False)["input_ids"], tok("import os", add_special_tokens=False)["input_ids"]]
     want = generate(target.model, prompts, max_new_tokens=12).tokens
-    got = generate(target.model, prompts, max_new_tokens=12, proposer=TandemProposer(drafter), k=3, taps=drafter.cfg.tap_layers)
+    got = generate(target.model, prompts, max_new_tokens=12, proposer=ReferenceTandemProposer(drafter), k=3, taps=drafter.cfg.tap_layers)
     assert got.tokens == want
 
 
@@ -278,7 +278,7 @@ def test_generated_data_of_another_target_or_broken_shards_are_refused(workdir, 
 def test_eagle3_head_trains_exports_and_drafts_losslessly(workdir):
     """The EAGLE-3 peer: trained by the same loop (draft steps unrolled), exported in vLLM's eagle3
     layout, and lossless in the reference decoder."""
-    from tandem_vllm.decoding.speculate import Eagle3Proposer, generate
+    from tandem_vllm.decoding.speculate import ReferenceEagle3Proposer, generate
     from tandem_vllm.modeling.eagle3 import ARCHITECTURE, Eagle3Head
 
     res = train(_args(workdir, "eagle3", "eagle3", block_size=3, gen_data=(_fake_generated(workdir, workdir / "gen-e3"),)))
@@ -295,7 +295,7 @@ def test_eagle3_head_trains_exports_and_drafts_losslessly(workdir):
     tok = target.tokenizer
     prompts = [tok("def main():\n    x = 1\n", add_special_tokens=False)["input_ids"], tok("import os", add_special_tokens=False)["input_ids"]]
     want = generate(target.model, prompts, max_new_tokens=16).tokens
-    got = generate(target.model, prompts, max_new_tokens=16, proposer=Eagle3Proposer(head), k=3, taps=head.cfg.tap_layers)
+    got = generate(target.model, prompts, max_new_tokens=16, proposer=ReferenceEagle3Proposer(head), k=3, taps=head.cfg.tap_layers)
     assert got.tokens == want
 
 

@@ -114,7 +114,7 @@ nvidia-h100-80gb:
 {{- $_ := set $a "speculative_config" $v.speculation.config }}
 {{- else if $v.model.drafter }}
 {{- $_ := set $a "drafter" $v.model.drafter }}
-{{- with $v.speculation.schedule }}{{ $_ := set $a "speculation_schedule" . }}{{ end }}
+{{- with $v.speculation.schedule }}{{ $_ := set $a "k_schedule" . }}{{ end }}
 {{- end }}
 {{- with $v.model.servedModelName }}{{ $_ := set $a "served_model_name" . }}{{ end }}
 {{- if not (kindIs "invalid" $v.engine.maxModelLen) }}{{ $_ := set $a "max_model_len" (int $v.engine.maxModelLen) }}{{ end }}
