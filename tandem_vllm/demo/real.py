@@ -104,7 +104,7 @@ def build(root: Path, *, recipe: RealRecipe = REAL, progress: bool = True) -> di
     pass_key = _hash({k: v for k, v in asdict(recipe).items() if k in PASS_FIELDS})
     pass_dir = _target_pass(recipe, target, Path(data["generated"]), base / f"pass-{pass_key}", progress)
     out.mkdir(parents=True, exist_ok=True)
-    results = {kind: _train(recipe, kind, target, pass_dir, out / kind, progress) for kind in ("baseline", "tandem", "eagle3")}
+    results = {kind: _train(recipe, kind, target, pass_dir, out / kind, progress) for kind in ("tandem", "eagle3", "baseline")}
     manifest = {
         "size": "real", "recipe": asdict(recipe), "target": str(target),
         "baseline": str(out / "baseline"), "tandem": str(out / "tandem"), "eagle3": str(out / "eagle3"),
