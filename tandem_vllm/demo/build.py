@@ -123,8 +123,12 @@ def build(size: str = "ci", *, root: Path | None = None, progress: bool = True) 
         from tandem_vllm.demo import real
 
         return real.build(root or cache_root(), progress=progress)
+    if size == "chat":
+        from tandem_vllm.demo import chat
+
+        return chat.build(root or cache_root(), progress=progress)
     if size not in RECIPES:
-        raise TandemError(f"--size {size!r}: choose one of {', '.join(RECIPES)}, real")
+        raise TandemError(f"--size {size!r}: choose one of {', '.join(RECIPES)}, real, chat")
     recipe = RECIPES[size]
     out, base = demo_dir(recipe, root), base_dir(recipe, root)
     manifest_path = out / "manifest.json"

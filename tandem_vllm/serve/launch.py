@@ -32,6 +32,13 @@ LEAN_RAY_ENV: dict[str, str] = {
     "RAY_event_stats": "0",
 }
 
+# Ray settings for a server whose ingress lives and dies with it (``tandem-vllm serve``, one node): a
+# replica stopping behind Ray's HAProxy first stays reachable for 30 s so that an outside load balancer
+# can deregister it, then drains. Nothing outside knows these replicas, so an idle Ctrl-C sat out those
+# 30 s (measured: 39 s to return); in-flight requests still finish first. Not for Kubernetes, where
+# KubeRay's Services are the outside load balancer.
+LOCAL_RAY_ENV: dict[str, str] = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+
 
 @dataclass(frozen=True)
 class Endpoints:
@@ -73,8 +80,9 @@ def start(cfg: ServeConfig | dict[str, Any], *, host: str = "0.0.0.0", port: int
     if not ray.is_initialized():
         os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1" if direct_ingress else "0")
         os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1" if haproxy and haproxy_available() else "0")
-        for name, value in LEAN_RAY_ENV.items():
+        for name, value in (LEAN_RAY_ENV | LOCAL_RAY_ENV).items():
             os.environ.setdefault(name, value)
+        reclaim_ports(host, (port, grpc_port))
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(
         http_options=HTTPOptions(host=host, port=port, request_timeout_s=request_timeout_s),
@@ -87,6 +95,78 @@ def start(cfg: ServeConfig | dict[str, Any], *, host: str = "0.0.0.0", port: int
     wait_until_running(timeout_s)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return Endpoints(http=f"http://{shown}:{port}", grpc=f"{shown}:{grpc_port}")
+
+
+def reclaim_ports(host: str, ports: tuple[int, ...]) -> None:
+    """Free ``ports`` from what a server of ours left behind, or refuse naming the holder.
+
+    Ray's HAProxy ingress outlives a server killed hard (SIGKILL, OOM): orphaned, it keeps the HTTP
+    and gRPC ports, and the next start's HAProxy fails inside Ray with "Address already in use" while
+    the application looks healthy. Such a process (its command line names Ray Serve's HAProxy config
+    and no Ray process is its parent) is stopped; any other holder is an error before Ray starts.
+    """
+    import psutil
+
+    for port in ports:
+        if _port_free(host, port):
+            continue
+        holder = _listener(port)
+        if holder is None:
+            raise TandemError(f"port {port} is in use by a process this user cannot see; pass another --port / --grpc-port")
+        what = f"pid {holder.pid} ({' '.join(holder.cmdline())[:120]})"
+        if not _orphaned_ingress(holder):
+            raise TandemError(f"port {port} is in use by {what}; stop it or pass another --port / --grpc-port")
+        print(f"port {port}: stopping a dead server's HAProxy left behind, {what}", flush=True)
+        holder.terminate()
+        try:
+            holder.wait(5)
+        except psutil.TimeoutExpired:
+            holder.kill()
+            holder.wait(5)
+        deadline = time.monotonic() + 5
+        while not _port_free(host, port):
+            if time.monotonic() > deadline:
+                raise TandemError(f"port {port} is still in use after stopping {what}")
+            time.sleep(0.1)
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT does not count
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _listener(port: int) -> Any:
+    import psutil
+
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+            try:
+                return psutil.Process(conn.pid)
+            except psutil.NoSuchProcess:
+                continue
+    return None
+
+
+def _orphaned_ingress(proc: Any) -> bool:
+    """Ray Serve's HAProxy (its config file on the command line) whose parent is no Ray process."""
+    import psutil
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_CONFIG_FILE_LOC
+
+    try:
+        argv = proc.cmdline()
+        if "haproxy" not in os.path.basename(argv[0] if argv else "") or RAY_SERVE_HAPROXY_CONFIG_FILE_LOC not in argv:
+            return False
+        parent = proc.parent()
+        return parent is None or parent.pid == 1 or not " ".join(parent.cmdline()).startswith("ray::")
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
 
 
 def haproxy_available() -> bool:
@@ -150,12 +230,29 @@ def stop() -> None:
 
 
 def serve_forever(cfg: ServeConfig, **kw: Any) -> None:
+    """Serve until SIGINT or SIGTERM (what docker, systemd and Kubernetes send): both stop the same way,
+    in-flight requests first. Ray's driver installs C++ handlers for SIGTERM when it starts (a stack
+    trace, then an exit that leaves its agents behind), so the handlers are installed again after it."""
     done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
+    started = False
+
+    def on_signal(*_: Any) -> None:
+        done.set()
+        if not started:  # still loading: abandon the start, then stop what it began
+            raise KeyboardInterrupt
+
+    def trap() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+
+    trap()
     try:
         cfg = cfg.resolved()
         ep = start(cfg, **kw)
+        trap()
+        started = True
+        if done.is_set():
+            return
         print(f"tandem-vllm is serving {cfg.served_model_name or cfg.model or 'the demo pair'}\n"
               f"  OpenAI HTTP: {ep.http}/v1   (curl {ep.http}/v1/models)\n"
               f"  gRPC:        {ep.grpc}   (tandem.v1.TandemGeneration, grpc.health.v1.Health, reflection)\n"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tandem_vllm.config import check_target
+from tandem_vllm.config import check_target, identity_differences
 from tandem_vllm.errors import TandemError
 from tandem_vllm.modeling.gguf_import import import_gguf
 from tandem_vllm.modeling.target import load_causal_lm
@@ -112,3 +112,44 @@ def test_a_drafter_for_one_quantization_is_refused_against_another(source, tmp_p
     with pytest.raises(TandemError, match="weights tiny.gguf F32") as e:
         check_target(cfg, b.identity)
     assert "tiny-q8.gguf Q8_0" in str(e.value)
+
+
+def test_the_chat_pair_serves_a_shipped_drafter_only_against_its_own_target(source, tmp_path, monkeypatch):
+    """demo ship rounds a real pair's Tandem drafter to bfloat16 with a record of what it wrote; the chat
+    pair imports the target and pairs it with that drafter, and refuses one trained for another target."""
+    import hashlib
+
+    from tandem_vllm.demo import chat
+    from tandem_vllm.modeling.reference import TandemDrafter
+    from tests.conftest import tandem_config_for
+
+    _, _, f32, q8, _ = source
+    import_gguf(f32, tmp_path / "f32", progress=False)
+    import_gguf(q8, tmp_path / "q8", progress=False)
+    a, b = load_causal_lm(tmp_path / "f32"), load_causal_lm(tmp_path / "q8")
+    torch.manual_seed(0)
+    drafter = TandemDrafter(tandem_config_for(a.model, hidden=32).model_copy(update={"target": a.identity})).eval()
+    drafter.save(tmp_path / "trained")
+    with pytest.raises(TandemError, match="finished real pair"):
+        chat.ship({"size": "ci", "tandem": str(tmp_path / "trained")}, tmp_path / "shipped")
+    record = chat.ship({"size": "real", "recipe": {"steps": 1}, "tandem": str(tmp_path / "trained")}, tmp_path / "shipped")
+    shipped = TandemDrafter.load(tmp_path / "shipped")
+    for name, w in drafter.state_dict().items():
+        torch.testing.assert_close(shipped.state_dict()[name], w, rtol=2**-8, atol=0)  # bfloat16 rounding, no more
+    assert any((shipped.state_dict()[n] != w).any() for n, w in drafter.state_dict().items())
+    for name, digest in record["sha256"].items():
+        assert hashlib.sha256((tmp_path / "shipped" / name).read_bytes()).hexdigest() == digest
+
+    monkeypatch.setattr(chat, "GGUF", str(f32))
+    monkeypatch.setattr(chat, "SHIPPED", tmp_path / "shipped")
+    pair = chat.build(tmp_path / "cache", progress=False)
+    assert pair["tandem"] == str(tmp_path / "shipped") and pair["shipped"]["recipe"] == {"steps": 1}
+    assert identity_differences(load_causal_lm(pair["target"]).identity, a.identity) == []
+    assert len((tmp_path / "cache" / "demo" / "chat-prompts.jsonl").read_text().splitlines()) == 80  # MT-Bench turn 1
+
+    other = TandemDrafter(tandem_config_for(b.model, hidden=32).model_copy(update={"target": b.identity}))
+    other.save(tmp_path / "trained-q8")
+    chat.ship({"size": "real", "recipe": {}, "tandem": str(tmp_path / "trained-q8")}, tmp_path / "shipped")
+    with pytest.raises(TandemError, match="shipped drafter .* trained for target") as e:
+        chat.build(tmp_path / "cache", progress=False)
+    assert "tiny.gguf F32" in str(e.value) and "tiny-q8.gguf Q8_0" in str(e.value)

@@ -382,3 +382,55 @@ def test_engine_flags_vllm_refuses_are_one_error_before_any_replica_starts(tmp_p
             preflight(cfg)
         assert said in str(e.value) and "\n" not in str(e.value)
     preflight(ServeConfig.parse({"model": str(tmp_path), "vllm_args": ["--enable-prefix-caching"]}))
+
+
+def _listener_process(tmp_path, argv0: str, *extra: str):
+    """A process listening on a free port, whose command line is ``argv0 ... extra`` (argv0 links to python)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tandem_vllm.serve.launch import _port_free, free_port
+
+    port = free_port()
+    exe = tmp_path / argv0
+    os.symlink(os.path.realpath(sys.executable), exe)
+    code = ("import socket,sys,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); "
+            f"s.bind(('0.0.0.0',{port})); s.listen(); time.sleep(120)")
+    proc = subprocess.Popen([str(exe), "-c", code, *extra])
+    deadline = time.monotonic() + 30
+    while _port_free("0.0.0.0", port):
+        assert time.monotonic() < deadline and proc.poll() is None, "the listener did not start"
+        time.sleep(0.05)
+    return proc, port
+
+
+def test_a_dead_servers_haproxy_is_stopped_and_its_ports_reclaimed(tmp_path, capsys):
+    """What a server killed hard leaves behind: Ray's HAProxy, its config on the command line, no Ray parent."""
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_CONFIG_FILE_LOC
+
+    from tandem_vllm.serve.launch import _port_free, reclaim_ports
+
+    proc, port = _listener_process(tmp_path, "haproxy", "-db", "-f", RAY_SERVE_HAPROXY_CONFIG_FILE_LOC)
+    try:
+        reclaim_ports("0.0.0.0", (port,))
+        assert proc.wait(10) is not None and _port_free("0.0.0.0", port)
+        assert f"port {port}: stopping a dead server's HAProxy" in capsys.readouterr().out
+    finally:
+        proc.kill()
+
+
+@pytest.mark.parametrize("argv0, extra", [("python-server", ("-f", "/tmp/haproxy-serve/haproxy.cfg")),
+                                          ("haproxy", ("-f", "/etc/haproxy/haproxy.cfg"))])
+def test_a_port_held_by_anything_else_is_refused_naming_the_process(tmp_path, argv0, extra):
+    """Another program, or an HAProxy that is not Ray Serve's, keeps running; the error names its pid."""
+    from tandem_vllm.serve.launch import reclaim_ports
+
+    proc, port = _listener_process(tmp_path, argv0, *extra)
+    try:
+        with pytest.raises(TandemError, match=rf"port {port} is in use by pid {proc.pid} \(.*{argv0}"):
+            reclaim_ports("0.0.0.0", (port,))
+        assert proc.poll() is None
+    finally:
+        proc.kill()
