@@ -27,6 +27,7 @@ MINIMAL = {"model": {"target": "/models/target", "drafter": "/models/tandem",
                      "storage": {"pvc": {"claimName": "models"}}}}
 EXAMPLES = {"defaults": MINIMAL,
             "cpu-demo": yaml.safe_load((ROOT / "deploy" / "values-cpu-demo.yaml").read_text()),
+            "cpu-smollm2": yaml.safe_load((ROOT / "deploy" / "values-cpu-smollm2.yaml").read_text()),
             "gpu-production": yaml.safe_load((ROOT / "deploy" / "values-gpu-production.yaml").read_text())}
 
 
@@ -275,12 +276,12 @@ def test_cpu_demo_builds_the_demo_pair_in_every_pod_and_runs_on_the_head(chart):
     docs = manifests(chart, EXAMPLES["cpu-demo"])
     rs = one(docs, "RayService")
     args = app_args(rs)
-    assert "model" not in args and "drafter" not in args  # ServeConfig resolves the demo pair
+    assert "model" not in args and "drafter" not in args and args["demo"] == "chat"  # ServeConfig resolves the pair
     assert args["api_key_env"] == "TANDEM_API_KEY" and "api_key" not in args
     head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]
     assert "num-cpus" not in head["rayStartParams"]
     (init,) = head["template"]["spec"]["initContainers"]
-    assert init["command"] == ["tandem-vllm", "demo", "build", "--size", "ci"]
+    assert init["command"] == ["tandem-vllm", "demo", "build", "--size", "chat"]
     cache = {e["name"]: e.get("value") for e in init["env"]}["TANDEM_VLLM_CACHE"]
     env = {e["name"]: e for e in containers(rs)["ray-head"]["env"]}
     assert env["TANDEM_VLLM_CACHE"]["value"] == cache and cache.startswith("/models/")
@@ -291,6 +292,34 @@ def test_cpu_demo_builds_the_demo_pair_in_every_pod_and_runs_on_the_head(chart):
     assert head["template"]["spec"]["volumes"][0]["emptyDir"] == {"sizeLimit": "2Gi"}
     assert rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 0
     assert not [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+
+
+def test_smollm2_on_cpu_nodes_prepares_the_chat_pair_on_every_worker_and_scales(chart):
+    rs = rayservice(chart, EXAMPLES["cpu-smollm2"])
+    args = app_args(rs)
+    assert args["demo"] == "chat" and "model" not in args and args["served_model_name"] == "smollm2-135m-instruct"
+    assert args["autoscaling"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
+    assert args["dtype"] == "float32" and args["max_model_len"] == 2048
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"  # the head only routes
+    (worker,) = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert (worker["minReplicas"], worker["maxReplicas"]) == (1, 4)
+    for spec in (head["template"]["spec"], worker["template"]["spec"]):
+        (init,) = spec["initContainers"]
+        assert init["command"] == ["tandem-vllm", "demo", "build", "--size", "chat"]
+    from tandem_vllm.serve.config import ServeConfig
+
+    assert ServeConfig.parse(args).demo == "chat"
+
+
+def test_the_ci_pair_stays_one_value_away(chart):
+    values = {**EXAMPLES["cpu-demo"], "model": {**EXAMPLES["cpu-demo"]["model"], "demoPair": "ci"}}
+    rs = rayservice(chart, values)
+    assert app_args(rs)["demo"] == "ci"
+    (init,) = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["initContainers"]
+    assert init["command"][-1] == "ci"
+    with pytest.raises(Exception, match="demoPair"):
+        rayservice(chart, {**values, "model": {**values["model"], "demoPair": "tiny"}})
 
 
 def test_gpu_production_gets_gpus_autoscaling_secrets_and_monitoring(chart):

@@ -105,7 +105,9 @@ nvidia-h100-80gb:
       "num_cpus" (ternary $p.replicaCpus $v.serve.replicaCpus (kindIs "invalid" $v.serve.replicaCpus))
       "num_gpus" (ternary $p.replicaGpus $v.serve.replicaGpus (kindIs "invalid" $v.serve.replicaGpus))
       "ray_metrics" true }}
-{{- if not $v.model.demo }}
+{{- if $v.model.demo }}
+{{- $_ := set $a "demo" $v.model.demoPair }}
+{{- else }}
 {{- $_ := set $a "model" (required "model.target is required: the path of the target model's Hugging Face directory inside the pods (or set model.demo=true)" $v.model.target) }}
 {{- end }}
 {{- if $v.speculation.disabled }}
@@ -210,7 +212,7 @@ applications:
 - name: build-demo-pair
   image: {{ include "tandem-vllm.image" . }}
   imagePullPolicy: {{ .Values.image.pullPolicy }}
-  command: ["tandem-vllm", "demo", "build", "--size", "ci"]
+  command: ["tandem-vllm", "demo", "build", "--size", {{ .Values.model.demoPair | quote }}]
   env:
     - name: TANDEM_VLLM_CACHE
       value: {{ include "tandem-vllm.demoCache" . | quote }}
