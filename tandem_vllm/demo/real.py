@@ -21,7 +21,7 @@ drafters have the target's layer shape and start from target layers ``init_layer
 P_j from the identity); the EAGLE-3 head is EAGLE-3's own one-layer design, randomly initialised.
 
 Sized to build in about two hours on 2 CPU cores (about 1,000 prompts, 2,000 replies of up to 192
-tokens, 300 steps of 8 rows per drafter); a larger recipe is a ``RealRecipe`` with other counts.
+tokens, 200 steps of 8 rows per drafter); a larger recipe is a ``RealRecipe`` with other counts.
 
 The data stages live in ``$TANDEM_VLLM_CACHE/demo/real-base-<hash of their settings>``, the drafters
 in ``real-<hash of the whole recipe>``.
@@ -62,7 +62,7 @@ class RealRecipe:
     draft_vocab: int = 8192
     taps: str = "span"
     block: str = "1-5"
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 8
     lr: float = 1e-3
 
