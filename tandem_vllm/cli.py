@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tandem_vllm.cli_fields import add_field_flags, passed
 from tandem_vllm.errors import TandemError
 
 
@@ -359,15 +360,9 @@ def _serve(a: argparse.Namespace) -> None:
     from tandem_vllm.serve.config import ServeConfig
     from tandem_vllm.serve.launch import serve_forever
 
-    passed = set(ServeConfig.model_fields) - {"speculative_config", "vllm_args", "k_schedule"}
-    fields: dict[str, Any] = {k: getattr(a, k) for k in passed if getattr(a, k, None) is not None}
+    fields = passed(a, set(ServeConfig.model_fields) - {"vllm_args"})
     if a.k_schedule is not None:
         fields["k_schedule"] = _k_schedule(a.k_schedule, "--k-schedule")
-    if a.speculative_config is not None:
-        try:
-            fields["speculative_config"] = json.loads(a.speculative_config)
-        except ValueError:
-            raise TandemError(f"--speculative-config is not JSON: {a.speculative_config!r}") from None
     fields["vllm_args"] = a.vllm_args[1:] if a.vllm_args[:1] == ["--"] else a.vllm_args
     serve_forever(ServeConfig.parse(fields), host=a.host, port=a.port, grpc_port=a.grpc_port,
                   timeout_s=a.start_timeout, request_timeout_s=a.request_timeout)
@@ -594,29 +589,12 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve on Ray Serve: OpenAI HTTP API + gRPC (no --model: the demo pair)",
                        epilog="Anything after `--` is passed to vLLM's own `vllm serve` parser.")
-    s.add_argument("--model", help="local Hugging Face target directory (default: the demo pair, --demo)")
-    s.add_argument("--demo", choices=["chat", "ci"], help="the demo pair without --model: chat (SmolLM2-135M-Instruct "
-                   "with its shipped Tandem drafter) or ci (the small code model the tests build)")
-    s.add_argument("--drafter", help="Tandem drafter directory (shortcut for --speculative-config)")
-    s.add_argument("--num-speculative-tokens", type=int)
-    s.add_argument("--k-schedule", "--speculation-schedule", dest="k_schedule", metavar="JSON",
-                   help="with --drafter: k by batch size, a `bench schedule` report (or its [[first, last, k], ...] list)")
-    s.add_argument("--speculative-config", help="vLLM speculative_config as JSON, as `vllm serve` takes it")
-    s.add_argument("--no-speculation", action="store_true", default=None, help="serve the target alone")
-    s.add_argument("--served-model-name")
-    s.add_argument("--max-model-len", type=int)
-    s.add_argument("--dtype")
-    s.add_argument("--kv-cache-memory-bytes", type=int)
-    s.add_argument("--chat-template")
-    s.add_argument("--api-key", help="require this bearer token (HTTP) / authorization metadata (gRPC)")
-    s.add_argument("--api-key-env", help="name of an environment variable holding the API key (kept out of the config)")
-    s.add_argument("--max-request-bytes", type=int)
-    s.add_argument("--max-n", type=int)
-    s.add_argument("--num-replicas", type=int)
-    s.add_argument("--num-cpus", type=float, help="CPUs each replica reserves from Ray")
-    s.add_argument("--num-gpus", type=float, help="GPUs each replica reserves from Ray")
-    s.add_argument("--max-ongoing-requests", type=int)
-    s.add_argument("--max-queued-requests", type=int)
+    from tandem_vllm.serve.config import ServeConfig
+
+    # every ServeConfig field is a flag, with its description as help (vllm_args: anything after `--`)
+    add_field_flags(s, ServeConfig, skip=("vllm_args",), types_={"k_schedule": str},
+                    aliases={"k_schedule": ["--speculation-schedule"]},
+                    metavars={"k_schedule": "JSON|FILE", "speculative_config": "JSON"})
     s.add_argument("--host", default="0.0.0.0")
     s.add_argument("--port", type=int, default=8000, help="HTTP port")
     s.add_argument("--grpc-port", type=int, default=9000)

@@ -33,3 +33,32 @@ def test_non_utf8_data_is_named(tmp_path):
     r = run_cli("train", "--kind", "lm", "--tokenizer", "tok", "--data", "bad.txt", "--out", "o", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "data file bad.txt is not UTF-8" in r.stderr and "iconv" in r.stderr
+
+
+def test_every_serve_config_field_is_a_serve_flag_that_reaches_the_config():
+    """One source: the serve flags are ServeConfig's fields (help from their descriptions)."""
+    from tandem_vllm.cli import parser
+    from tandem_vllm.cli_fields import flag, passed
+    from tandem_vllm.serve.config import ServeConfig
+
+    serve = next(a for a in parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith(" serve"))
+    flags = {s for act in serve._actions for s in act.option_strings}
+    assert {flag(n) for n in ServeConfig.model_fields} - {"--vllm-args"} <= flags
+    a = parser().parse_args(["serve", "--model", "/m", "--num-replicas", "2", "--ray-metrics", "--extra-chat-roles", "tool",
+                             "x", "--autoscaling", '{"min_replicas": 1, "max_replicas": 3}', "--demo", "chat",
+                             "--speculation-guards", '{"max_context": 512}', "--num-cpus", "1.5"])
+    cfg = ServeConfig.parse(passed(a, ServeConfig.model_fields))
+    assert (cfg.model, cfg.num_replicas, cfg.ray_metrics, cfg.extra_chat_roles, cfg.demo) == ("/m", 2, True, ["tool", "x"], "chat")
+    assert cfg.autoscaling is not None and cfg.autoscaling.max_replicas == 3
+    assert cfg.speculation_guards == {"max_context": 512} and cfg.num_cpus == 1.5
+    assert passed(parser().parse_args(["serve"]), set(ServeConfig.model_fields) - {"vllm_args"}) == {}  # defaults apply
+    help_text = serve.format_help()
+    assert "Draft tokens proposed per verification step. (default: 3)" in " ".join(help_text.split())
+
+
+@pytest.mark.parametrize("args, message", [(["--demo", "tiny"], "invalid choice: 'tiny'"),
+                                           (["--autoscaling", "{min"], "--autoscaling is not JSON"),
+                                           (["--max-n", "two"], "invalid int value")])
+def test_bad_serve_flags_are_one_line(args, message, tmp_path):
+    r = run_cli("serve", *args, cwd=tmp_path)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

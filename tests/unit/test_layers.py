@@ -19,7 +19,7 @@ LAYERS = (
     ("demo",),  # the demo pairs: model sources the Serve app falls back to
     ("serve",),
     ("bench",),  # measures everything below, the Serve app included
-    ("cli", "plugin", "__init__"),
+    ("cli", "cli_fields", "plugin", "__init__"),
 )
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -1,0 +1,78 @@
+"""Command-line flags generated from a pydantic model's fields: one source for names, types, choices,
+defaults and help (the field's description). A flag left out is None in the namespace, so the model's
+own default applies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import types
+import typing
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pydantic import BaseModel
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_field_flags(parser: argparse.ArgumentParser, model: type[BaseModel], *, skip: Iterable[str] = (),
+                    types_: dict[str, Callable[[str], Any]] | None = None,
+                    aliases: dict[str, list[str]] | None = None, metavars: dict[str, str] | None = None) -> list[str]:
+    """One flag per field of ``model`` not in ``skip``; returns the field names that got one.
+
+    types_: a parser for fields whose flag takes something other than the field's own type (a file, JSON).
+    """
+    added = []
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        help_text = (field.description or "").replace("%", "%%")
+        if not field.is_required() and field.default is not None and field.default_factory is None:
+            help_text += f" (default: {field.default})"
+        kw: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
+        kind = _plain(field.annotation)
+        if types_ and name in types_:
+            kw["type"] = types_[name]
+        elif kind is bool:
+            kw["action"] = "store_true"
+        elif typing.get_origin(kind) is typing.Literal:
+            kw["choices"] = list(typing.get_args(kind))
+        elif kind in (int, float, str):
+            kw["type"] = kind
+        elif typing.get_origin(kind) is list and typing.get_args(kind) == (str,):
+            kw["nargs"] = "+"
+        else:  # dicts, nested models, lists of tuples: JSON, validated by the model
+            kw["type"] = _json(flag(name))
+            kw["metavar"] = "JSON"
+        if metavars and name in metavars:
+            kw["metavar"] = metavars[name]
+        parser.add_argument(flag(name), *(aliases or {}).get(name, []), **kw)
+        added.append(name)
+    return added
+
+
+def passed(a: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
+    """The fields the command line set."""
+    return {n: getattr(a, n) for n in names if getattr(a, n, None) is not None}
+
+
+def _plain(annotation: Any) -> Any:
+    """``X | None`` -> X."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [t for t in typing.get_args(annotation) if t is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _json(name: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} is not JSON: {text!r}") from None
+
+    return parse
