@@ -33,7 +33,7 @@ def app():
     # whitespace inside JSON bounded (the small demo target would loop on it) and cached prompt tokens reported
     # (tool calls: vLLM 0.32 wants auto tool choice and a parser even for a named tool_choice; pythonic needs no
     # special tokens in the vocabulary)
-    cfg = {"vllm_args": ["--enable-prefix-caching", "--enable-prompt-tokens-details", "--enable-auto-tool-choice",
+    cfg = {"demo": "ci", "vllm_args": ["--enable-prefix-caching", "--enable-prompt-tokens-details", "--enable-auto-tool-choice",
                          "--tool-call-parser", "pythonic",
                          "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}'],
            "kv_cache_memory_bytes": 256 * 2**20,

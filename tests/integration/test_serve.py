@@ -35,7 +35,7 @@ def app():
     # The key reaches the replicas through the environment (as the Helm chart passes a Secret), and
     # vLLM's metrics also go to Ray's metrics agent (as the chart configures): /metrics must not change.
     os.environ["TANDEM_TEST_API_KEY"] = KEY
-    cfg = {"api_key_env": "TANDEM_TEST_API_KEY", "ray_metrics": True, "max_n": MAX_N,
+    cfg = {"demo": "ci", "api_key_env": "TANDEM_TEST_API_KEY", "ray_metrics": True, "max_n": MAX_N,
            "max_request_bytes": 64 * 1024, "graceful_shutdown_timeout_s": 5, "kv_cache_memory_bytes": 256 * 2**20}
     try:
         yield start(cfg, host="127.0.0.1", port=free_port(), grpc_port=free_port(), timeout_s=900,

@@ -24,7 +24,7 @@ MODEL = "tandem-demo"
 def app():
     from tandem_vllm.serve.launch import free_port, start, stop
 
-    cfg = {"max_ongoing_requests": 1, "max_queued_requests": 1, "graceful_shutdown_timeout_s": 60,
+    cfg = {"demo": "ci", "max_ongoing_requests": 1, "max_queued_requests": 1, "graceful_shutdown_timeout_s": 60,
            "kv_cache_memory_bytes": 256 * 2**20}
     try:
         yield start(cfg, host="127.0.0.1", port=free_port(), grpc_port=free_port(), timeout_s=900, log_json=False)
