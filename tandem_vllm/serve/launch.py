@@ -83,6 +83,8 @@ def start(cfg: ServeConfig | dict[str, Any], *, host: str = "0.0.0.0", port: int
         for name, value in (LEAN_RAY_ENV | LOCAL_RAY_ENV).items():
             os.environ.setdefault(name, value)
         reclaim_ports(host, (port, grpc_port))
+        if os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
+            move_haproxy_side_ports()
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(
         http_options=HTTPOptions(host=host, port=port, request_timeout_s=request_timeout_s),
@@ -105,7 +107,6 @@ def reclaim_ports(host: str, ports: tuple[int, ...]) -> None:
     the application looks healthy. Such a process (its command line names Ray Serve's HAProxy config
     and no Ray process is its parent) is stopped; any other holder is an error before Ray starts.
     """
-    import psutil
 
     for port in ports:
         if _port_free(host, port):
@@ -116,18 +117,42 @@ def reclaim_ports(host: str, ports: tuple[int, ...]) -> None:
         what = f"pid {holder.pid} ({' '.join(holder.cmdline())[:120]})"
         if not _orphaned_ingress(holder):
             raise TandemError(f"port {port} is in use by {what}; stop it or pass another --port / --grpc-port")
-        print(f"port {port}: stopping a dead server's HAProxy left behind, {what}", flush=True)
-        holder.terminate()
-        try:
-            holder.wait(5)
-        except psutil.TimeoutExpired:
-            holder.kill()
-            holder.wait(5)
-        deadline = time.monotonic() + 5
-        while not _port_free(host, port):
-            if time.monotonic() > deadline:
-                raise TandemError(f"port {port} is still in use after stopping {what}")
-            time.sleep(0.1)
+        _stop_orphan(holder, host, port, what)
+
+
+# HAProxy's own listeners, on every interface, whatever --port says (Ray's defaults): a second server on
+# the same machine would find them taken and its HAProxy would exit at start.
+HAPROXY_SIDE_PORTS: dict[str, int] = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
+
+
+def move_haproxy_side_ports() -> None:
+    """Free HAProxy's stats and metrics ports from a dead server's HAProxy, or move them to free ports
+    when something alive holds them (an exported value wins)."""
+    for name, default in HAPROXY_SIDE_PORTS.items():
+        if name in os.environ or _port_free("0.0.0.0", default):
+            continue
+        holder = _listener(default)
+        if holder is not None and _orphaned_ingress(holder):
+            _stop_orphan(holder, "0.0.0.0", default, f"pid {holder.pid}")
+        else:
+            os.environ[name] = str(free_port())
+
+
+def _stop_orphan(holder: Any, host: str, port: int, what: str) -> None:
+    import psutil
+
+    print(f"port {port}: stopping a dead server's HAProxy left behind, {what}", flush=True)
+    holder.terminate()
+    try:
+        holder.wait(5)
+    except psutil.TimeoutExpired:
+        holder.kill()
+        holder.wait(5)
+    deadline = time.monotonic() + 5
+    while not _port_free(host, port):
+        if time.monotonic() > deadline:
+            raise TandemError(f"port {port} is still in use after stopping {what}")
+        time.sleep(0.1)
 
 
 def _port_free(host: str, port: int) -> bool:

@@ -434,3 +434,23 @@ def test_a_port_held_by_anything_else_is_refused_naming_the_process(tmp_path, ar
         assert proc.poll() is None
     finally:
         proc.kill()
+
+
+def test_haproxys_side_ports_move_when_another_server_holds_them(tmp_path, monkeypatch):
+    """A second server on one machine: Ray's HAProxy stats/metrics ports are taken by the first one."""
+    import os
+
+    from tandem_vllm.serve import launch
+
+    proc, port = _listener_process(tmp_path, "haproxy", "-f", "/etc/haproxy/haproxy.cfg")  # alive, not ours
+    try:
+        free = launch.free_port()
+        monkeypatch.setattr(launch, "HAPROXY_SIDE_PORTS", {"TANDEM_TEST_SIDE_PORT": port, "TANDEM_TEST_FREE_PORT": free})
+        monkeypatch.delenv("TANDEM_TEST_SIDE_PORT", raising=False)
+        monkeypatch.delenv("TANDEM_TEST_FREE_PORT", raising=False)
+        launch.move_haproxy_side_ports()
+        moved = int(os.environ["TANDEM_TEST_SIDE_PORT"])
+        assert moved != port and launch._port_free("0.0.0.0", moved) and proc.poll() is None
+        assert "TANDEM_TEST_FREE_PORT" not in os.environ  # a free default stays Ray's default
+    finally:
+        proc.kill()
