@@ -195,7 +195,7 @@ def preflight(cfg: ServeConfig) -> None:
     from transformers import AutoConfig
 
     from tandem_vllm.vllm_adapter import engine as vllm_engine
-    from tandem_vllm.vllm_adapter.proposer_v1 import checked_tandem_config, local_tandem_dir
+    from tandem_vllm.vllm_adapter.checks import checked_tandem_config, local_tandem_dir
 
     cfg.check_paths()
     vllm_engine.check_serve_args(cfg.vllm_cli(on_cpu=vllm_engine.on_cpu()))

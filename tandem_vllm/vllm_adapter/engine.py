@@ -24,7 +24,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from tandem_vllm.errors import TandemError
-from tandem_vllm.vllm_adapter.proposer_v1 import is_tandem_checkpoint
+from tandem_vllm.vllm_adapter.checks import is_tandem_checkpoint
 
 __all__ = ["EngineDeadError", "VLLMValidationError", "async_engine", "offline_engine", "on_cpu", "openai_app",
            "serve_args", "serve_engine", "shutdown_offline", "spec_counters", "spec_metrics", "speculation_of"]

@@ -37,6 +37,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
+from tandem_vllm.vllm_adapter.marks import MARK
+
 ENV: Final = "TANDEM_VLLM_STEP_TIMES"
 # Where each phase is measured: the engine-core loop, or the model runner (a process of its own on CPU,
 # where vLLM always uses its multiprocessing executor; the same process with the uni-process one).
@@ -131,7 +133,6 @@ class StepClock:
 
 
 
-MARK: Final = "_tandem_patches"  # on every function the adapter installs in vLLM: the patches (rows) in it
 # What install() replaces: the "step-times" row of patches.PATCHES lists exactly these.
 SYMBOLS: Final = ("vllm.v1.engine.core:EngineCoreProc._process_engine_step", "vllm.v1.core.sched.scheduler:Scheduler.schedule",
                   "vllm.v1.core.sched.scheduler:Scheduler.update_from_output", "vllm.v1.engine.core:EngineCore.post_step",

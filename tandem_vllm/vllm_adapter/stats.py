@@ -18,7 +18,7 @@ from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from tandem_vllm.vllm_adapter.profiler import MARK
+from tandem_vllm.vllm_adapter.marks import MARK
 
 
 @dataclass

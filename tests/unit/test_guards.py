@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from tandem_vllm.errors import TandemError
-from tandem_vllm.vllm_adapter import guards, patches
+from tandem_vllm.vllm_adapter import guards, patch_scheduler
 from tandem_vllm.vllm_adapter.guards import Guards, GuardState
 
 
@@ -77,7 +77,7 @@ def _scheduler(requests):
                 r = self.requests[rid]
                 r.spec_token_ids = list(itertools.takewhile(lambda t: t != 9, ids)) if r.use_structured_output else ids
 
-    patches.speculation_guards(Scheduler)
+    patch_scheduler.speculation_guards(Scheduler)
     return Scheduler()
 
 

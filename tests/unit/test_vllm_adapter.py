@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from tandem_vllm.errors import TandemError
-from tandem_vllm.vllm_adapter import patches, proposer_v1
+from tandem_vllm.vllm_adapter import (
+    checks,
+    patch_runner,
+    patch_scheduler,
+    patches,
+    proposer_v1,
+    sampling_math,
+)
 
 
 def _brute_force_rows(lengths, rejected):
@@ -42,7 +49,7 @@ def test_expand_batch_to_tokens_repeats_each_request_value_per_draft_token(dtype
     x = torch.tensor([0.8, 1.3, -1], dtype=torch.float32).to(dtype)
     counts = [3, 0, 2]
     cu = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(torch.int32)
-    got = patches.expand_batch_to_tokens(x, cu, 5, replace_from=-1, replace_to=7)
+    got = sampling_math.expand_batch_to_tokens(x, cu, 5, replace_from=-1, replace_to=7)
     want = [7 if v == -1 else v for v, c in zip(x.tolist(), counts) for _ in range(c)]
     assert got.dtype == dtype
     assert got.tolist() == want
@@ -91,7 +98,7 @@ def test_vllms_unrestricted_draft_probs_under_a_grammar_leave_the_target_distrib
     allowed = torch.tensor([True, False, True])
     assert _one_draft_position(p, q, allowed, q).tolist() == pytest.approx([0.75, 0.0, 0.25])
     logits = p.log()
-    assert _one_draft_position(p, q, allowed, patches.grammar_masked_draft_probs(q[None], logits[None])[0]).tolist() \
+    assert _one_draft_position(p, q, allowed, sampling_math.grammar_masked_draft_probs(q[None], logits[None])[0]).tolist() \
         == pytest.approx(p.tolist())
 
 
@@ -106,7 +113,7 @@ def test_sampled_drafts_under_a_grammar_keep_the_target_distribution_when_restri
     logits = torch.randn(vocab, generator=g, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
     p = torch.softmax(logits, -1)
     q = torch.softmax(2 * torch.randn(vocab, generator=g, dtype=torch.float64), -1)
-    restricted = patches.grammar_masked_draft_probs(q[None], logits[None])[0]
+    restricted = sampling_math.grammar_masked_draft_probs(q[None], logits[None])[0]
     assert restricted[~allowed].eq(0).all() and float(restricted.sum()) == pytest.approx(1.0)
     assert _one_draft_position(p, q, allowed, restricted) == pytest.approx(p, abs=1e-12)
     assert (_one_draft_position(p, q, allowed, q) - p).abs().sum() > 1e-4  # vLLM's own is off here too
@@ -115,16 +122,16 @@ def test_sampled_drafts_under_a_grammar_keep_the_target_distribution_when_restri
 def test_grammar_masking_leaves_a_row_without_allowed_mass_unchanged():
     q = torch.tensor([[0.0, 0.5, 0.5]])
     logits = torch.tensor([[0.3, float("-inf"), float("-inf")]])
-    assert patches.grammar_masked_draft_probs(q, logits).tolist() == q.tolist()
+    assert sampling_math.grammar_masked_draft_probs(q, logits).tolist() == q.tolist()
     wider = torch.tensor([[0.2, 0.2, 0.2, 0.4]])  # a drafter vocabulary longer than the target's: the extra ids are not allowed
-    got = patches.grammar_masked_draft_probs(wider, torch.zeros(1, 3))
+    got = sampling_math.grammar_masked_draft_probs(wider, torch.zeros(1, 3))
     assert got[0, 3] == 0 and got[0, :3].tolist() == pytest.approx([1 / 3] * 3)
 
 
 def test_an_unsupported_vllm_version_is_refused_by_name():
     with pytest.raises(TandemError, match="supports vLLM 0.32.x; this is vLLM 0.33.1"):
-        proposer_v1.check_vllm_version("0.33.1")
-    proposer_v1.check_vllm_version("0.32.0")
+        checks.check_vllm_version("0.33.1")
+    checks.check_vllm_version("0.32.0")
 
 
 @pytest.mark.parametrize(
@@ -135,7 +142,7 @@ def test_an_unsupported_vllm_version_is_refused_by_name():
 def test_per_request_opt_out_values(extra_args, off):
     from types import SimpleNamespace
 
-    assert patches.speculation_opted_out(SimpleNamespace(extra_args=extra_args)) is off
+    assert patch_scheduler.speculation_opted_out(SimpleNamespace(extra_args=extra_args)) is off
 
 
 def _k0_classes():
@@ -183,7 +190,7 @@ def test_drafts_are_fetched_from_the_runner_only_after_steps_that_asked_for_them
     without the patch (the negative control) every step pays it."""
     Scheduler, Engine = _k0_classes()
     assert _fetches(Engine(Scheduler([3, 0, 0, 3, 1])), 5) == [1, 2, 3, 4, 5]  # vLLM as it is
-    patches.no_draft_handover_after_k0_steps(Scheduler, Engine)
+    patch_scheduler.no_draft_handover_after_k0_steps(Scheduler, Engine)
     engine = Engine(Scheduler([3, 0, 0, 3, 1]))
     assert _fetches(engine, 5) == [1, 1, 1, 2, 3]
     engine.async_scheduling = True  # drafts never go through post_step there; leave vLLM's path alone
@@ -193,7 +200,7 @@ def test_drafts_are_fetched_from_the_runner_only_after_steps_that_asked_for_them
 
 def test_k0_skip_leaves_engines_without_a_tandem_drafter_alone():
     Scheduler, Engine = _k0_classes()
-    patches.no_draft_handover_after_k0_steps(Scheduler, Engine)
+    patch_scheduler.no_draft_handover_after_k0_steps(Scheduler, Engine)
     assert _fetches(Engine(Scheduler([3, 0, 0, 3], tandem=False)), 4) == [1, 2, 3, 4]
 
 
@@ -212,7 +219,7 @@ def test_a_tandem_step_without_drafts_samples_like_target_alone(tandem, max_spec
             seen.append(spec_decode_metadata)
             return "sampled"
 
-    patches.plain_sampling_without_drafts(Runner)
+    patch_runner.plain_sampling_without_drafts(Runner)
     runner = Runner()
     runner.__dict__["_tandem_engine"] = tandem  # what serves_tandem reads from the engine's config
     metadata = SimpleNamespace(max_spec_len=max_spec_len)
