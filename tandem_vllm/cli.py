@@ -344,9 +344,11 @@ def _print_build(m: dict[str, Any]) -> None:
                 print(f"  {name:8s} {m[name]}")
             continue
         ev = m["eval"][name]
-        ppl = f"perplexity {2.718281828 ** ev['ce']:.2f}"
-        extra = f", agreement with target {ev['agreement']:.3f}" if "agreement" in ev else ""
-        print(f"  {name:8s} {m[name]}  held-out {ppl}, accuracy {ev['accuracy']:.3f}{extra}")
+        # the real pair evaluates on held-out rows of the target's own replies (gen_*), the others on text
+        pre, where = ("gen_", "on the target's replies") if "gen_ce" in ev else ("", "held-out")
+        ppl = f"perplexity {2.718281828 ** ev[pre + 'ce']:.2f}"
+        extra = f", agreement with target {ev[pre + 'agreement']:.3f}" if pre + "agreement" in ev else ""
+        print(f"  {name:8s} {m[name]}  {where} {ppl}, accuracy {ev[pre + 'accuracy']:.3f}{extra}")
     print(f"  prompts  {m['heldout_prompts']}")
 
 

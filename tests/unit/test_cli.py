@@ -62,3 +62,13 @@ def test_every_serve_config_field_is_a_serve_flag_that_reaches_the_config():
 def test_bad_serve_flags_are_one_line(args, message, tmp_path):
     r = run_cli("serve", *args, cwd=tmp_path)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_the_build_summary_prints_the_real_pairs_metrics(capsys):
+    """The real pair evaluates drafters on the target's own replies (gen_* metrics), the others on text."""
+    from tandem_vllm.cli import _print_build
+
+    ev = {"gen_ce": 4.0, "gen_accuracy": 0.25, "gen_agreement": 0.3, "gen_tv": 0.7}
+    _print_build({"size": "real", "build_seconds": 1.0, "target": "T", "tandem": "D", "heldout_prompts": "P",
+                  "eval": {"tandem": ev}})
+    assert "D  on the target's replies perplexity 54.60, accuracy 0.250, agreement with target 0.300" in capsys.readouterr().out
