@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tandem_vllm.demo.real import eval_prompts
 from tandem_vllm.errors import TandemError
 
 SHIPPED = Path(__file__).parent / "shipped" / "smollm2-tandem"
@@ -38,7 +39,7 @@ def build(root: Path, *, progress: bool = True) -> dict[str, Any]:
     target = root / "demo" / "smollm2-135m-instruct"
     imported = import_gguf(GGUF, target, progress=progress)
     _check_pair(target)
-    prompts = _prompts(target, root / "demo" / "chat-prompts.jsonl")
+    prompts = eval_prompts(target, root / "demo" / "chat-prompts.jsonl", ("mtbench",))  # what `demo run` sends
     record = json.loads((SHIPPED / RECORD).read_text())
     return {"size": "chat", "target": str(target), "tandem": str(SHIPPED), "heldout_prompts": str(prompts),
             "import": imported, "shipped": record, "eval": {}, "build_seconds": round(time.perf_counter() - t0, 1)}
@@ -51,21 +52,6 @@ def _check_pair(target: Path) -> None:
 
     identity, _ = load_identity(target)
     check_target(TandemConfig.load(SHIPPED), identity, drafter_path=f"the shipped drafter {SHIPPED}")
-
-
-def _prompts(target: Path, path: Path) -> Path:
-    """MT-Bench's first turns rendered with the target's chat template ({"prompt", "set"}): what
-    ``demo run`` and benchmarks of the chat pair send."""
-    from tandem_vllm.evalsets import first_turns
-    from tandem_vllm.modeling.target import load_identity
-    from tandem_vllm.train.chat_prompts import write_rows
-
-    if not path.is_file():
-        _, tokenizer = load_identity(target)
-        rows = [{"prompt": tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
-                 "set": "mtbench"} for chat in first_turns("mtbench")]
-        write_rows(rows, path)
-    return path
 
 
 def ship(pair: dict[str, Any], dest: Path = SHIPPED) -> dict[str, Any]:

@@ -152,18 +152,23 @@ def _train(recipe: RealRecipe, kind: str, target: Path, pass_dir: Path, out: Pat
 
 
 def _eval_prompts(target: Path, base: Path, progress: bool) -> Path:
-    """MT-Bench turn 1 and HumanEval as chat prompts rendered with the target's template ({"prompt", "set"})."""
+    path = eval_prompts(target, base / "eval_prompts.jsonl", ("mtbench", "humaneval"))
+    _say(progress, f"evaluation prompts (MT-Bench turn 1, HumanEval): {path}")
+    return path
+
+
+def eval_prompts(target: Path, path: Path, sets: tuple[str, ...]) -> Path:
+    """The first turns of ``sets`` as chat prompts rendered with the target's template ({"prompt", "set"});
+    written once."""
     from tandem_vllm.evalsets import first_turns
     from tandem_vllm.modeling.target import load_identity
     from tandem_vllm.train.chat_prompts import write_rows
 
-    path = base / "eval_prompts.jsonl"
     if not path.is_file():
         _, tokenizer = load_identity(target)
         rows = [{"prompt": tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True), "set": name}
-                for name in ("mtbench", "humaneval") for chat in first_turns(name)]
+                for name in sets for chat in first_turns(name)]
         write_rows(rows, path)
-        _say(progress, f"evaluation prompts: {len(rows)} (MT-Bench turn 1, HumanEval) in {path}")
     return path
 
 
