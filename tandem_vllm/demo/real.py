@@ -20,8 +20,10 @@ needs the whole vocabulary, so the standalone drafter keeps the whole head. The 
 drafters have the target's layer shape and start from target layers ``init_layers`` (the Tandem drafter's
 P_j from the identity); the EAGLE-3 head is EAGLE-3's own one-layer design, randomly initialised.
 
-Sized to build in about two hours on 2 CPU cores (about 1,000 prompts, 2,000 replies of up to 192
-tokens, 200 steps of 8 rows per drafter); a larger recipe is a ``RealRecipe`` with other counts.
+Sized to build in about four hours on 2 CPU cores (about 900 prompts, 1,800 replies of up to 192
+tokens: 1.5 h; 1,000 steps of 8 rows per drafter, about 4.5 epochs: Tandem ~20 min, standalone ~45 min,
+EAGLE-3 ~65 min, all resumable from their last checkpoint). At 200 steps every drafter was still
+improving steeply (results/README.md). A larger recipe is a ``RealRecipe`` with other counts.
 
 The data stages live in ``$TANDEM_VLLM_CACHE/demo/real-base-<hash of their settings>``, the drafters
 in ``real-<hash of the whole recipe>``.
@@ -62,7 +64,7 @@ class RealRecipe:
     draft_vocab: int = 8192
     taps: str = "span"
     block: str = "1-5"
-    steps: int = 200
+    steps: int = 1000
     batch_size: int = 8
     lr: float = 1e-3
 

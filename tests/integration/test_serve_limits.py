@@ -54,7 +54,8 @@ def test_overflow_is_refused_over_http_and_grpc_and_the_rest_completes(app):
     assert codes.count(200) >= 2 and set(codes) <= {200, 503}, codes
 
     stub = pb_grpc.TandemGenerationStub(grpc.insecure_channel(app.grpc))
-    request = pb.CompleteRequest(prompt="import os\n", sampling=pb.SamplingOptions(max_tokens=200))
+    # greedy, so no request ends early and frees its slot (the proto has no ignore_eos)
+    request = pb.CompleteRequest(prompt="import os\n", sampling=pb.SamplingOptions(max_tokens=200, temperature=0.0))
 
     def call():
         try:
