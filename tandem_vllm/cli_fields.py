@@ -1,14 +1,16 @@
-"""Command-line flags generated from a pydantic model's fields: one source for names, types, choices,
-defaults and help (the field's description). A flag left out is None in the namespace, so the model's
-own default applies."""
+"""Command-line flags generated from a pydantic model's or a dataclass's fields: one source for names,
+types, choices, defaults and help (the field's description; a dataclass field's ``metadata["help"]``).
+A flag left out is None in the namespace, so the model's own default applies."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import types
 import typing
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -51,6 +53,46 @@ def add_field_flags(parser: argparse.ArgumentParser, model: type[BaseModel], *, 
             kw["metavar"] = metavars[name]
         parser.add_argument(flag(name), *(aliases or {}).get(name, []), **kw)
         added.append(name)
+    return added
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *,
+                        special: dict[str, dict[str, Any]] | None = None,
+                        required: Iterable[str] = ()) -> list[str]:
+    """One flag per field of the dataclass ``cls`` whose metadata does not say ``flag=False``; a field
+    that is itself a dataclass gets its fields' flags instead. Returns the field names that got one.
+
+    special: argparse settings for fields whose flag is not their type (``--block-size 1-4``)."""
+    hints = typing.get_type_hints(cls)
+    added = []
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("flag", True):
+            continue
+        kind = _plain(hints[f.name])
+        if dataclasses.is_dataclass(kind):
+            added += add_dataclass_flags(parser, kind)  # type: ignore[arg-type]
+            continue
+        help_text = str(f.metadata.get("help", "")).replace("%", "%%")
+        if f.default is not dataclasses.MISSING and f.default not in (None, (), False):
+            help_text += f" (default: {f.default})"
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        if f.name in required:
+            kw["required"] = True
+        args = typing.get_args(kind)
+        if special and f.name in special:
+            kw.update(special[f.name])
+        elif kind is bool:
+            kw["action"] = "store_true"
+        elif typing.get_origin(kind) is typing.Literal:
+            kw["choices"] = list(args)
+        elif kind in (int, float, str, Path):
+            kw["type"] = kind
+        elif typing.get_origin(kind) is tuple and len(args) == 2 and args[1] is Ellipsis:
+            kw["type"], kw["nargs"] = args[0], "+"
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: no flag for {kind!r}; give its settings in special")
+        parser.add_argument(flag(f.name), **kw)
+        added.append(f.name)
     return added
 
 

@@ -283,9 +283,9 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
 
 
 def write_report(report: dict[str, Any], json_out: str | Path, md_out: str | Path | None, png_out: str | Path | None) -> None:
-    Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
-    if md_out:
-        Path(md_out).write_text(markdown(report))
+    from tandem_vllm import report as reports
+
+    md = reports.write(json_out, report)
+    Path(md_out or md).write_text(markdown(report))
     if png_out:
         plot(report, png_out)

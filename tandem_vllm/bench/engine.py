@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -284,12 +283,6 @@ def markdown(cells: list[Cell]) -> str:
 
 def _lossless(ok: bool | None) -> str:
     return "—" if ok is None else "yes" if ok else "NO"
-
-
-def write_json(cells: list[Cell], path: Path, meta: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{k: v for k, v in asdict(c).items() if k not in ("outputs", "window")} for c in cells]
-    path.write_text(json.dumps({**meta, "cells": rows}, indent=2) + "\n")
 
 
 def plot(cells: list[Cell], path: Path, title: str) -> None:

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import math
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tandem_vllm import report
 from tandem_vllm.errors import TandemError
 from tandem_vllm.progress import progress_bar
 from tandem_vllm.speculation import SAMPLED_DRAFTS, UNBOUNDED, KSchedule, drafter_config
@@ -98,11 +97,9 @@ def markdown(schedule: KSchedule, cells: list[Cell]) -> str:
     return f"tokens/s (× target alone, τ):\n\n{head}{body}\nschedule: {ranges}\n"
 
 
-def write_json(schedule: KSchedule, cells: list[Cell], drafter: str, path: Path, meta: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {**meta, "schedule": [list(r) for r in schedule], "speculative_config": drafter_config(drafter, 0, schedule),
-           "cells": [{k: v for k, v in asdict(c).items() if k not in ("outputs", "window")} for c in cells]}
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+def report_doc(schedule: KSchedule, cells: list[Cell], drafter: str, meta: dict[str, Any]) -> dict[str, Any]:
+    return {**meta, "schedule": [list(r) for r in schedule], "speculative_config": drafter_config(drafter, 0, schedule),
+            "cells": report.rows(cells)}
 
 
 def plot(cells: list[Cell], schedule: KSchedule, path: Path, title: str) -> None:

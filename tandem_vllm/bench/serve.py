@@ -7,6 +7,10 @@ ServeConfig (same model, drafter, k, context and KV size). Each cell is the medi
 passes; ``overhead = 1 - serve tokens/s / engine tokens/s`` is the cost of Ray Serve + the HTTP
 layer. The server must be idle apart from this benchmark; when the benchmark started the app itself,
 the bare engine runs after the app is stopped.
+
+``cold``: before the warm-up, the server's first burst -- c requests sent at once right after it became
+healthy -- is its own cell (what a user's first clients wait for after a start). Across rounds the
+burst takes each concurrency in turn, the app and vLLM's own server alike.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,7 @@ from tandem_vllm.serve.config import ServeConfig
 class Cell:
     path: str  # "serve (HTTP)" or "bare engine"
     concurrency: int
+    cold: bool  # the server's first burst after start, before any warm-up
     requests: int
     errors: int
     tokens: int
@@ -52,6 +57,7 @@ class Cell:
     itl_ms_p95: float
     overhead: float | None = None  # serve only: 1 - serve tokens/s / bare-engine tokens/s
     vs_vllm_server: float | None = None  # serve only: its tokens/s / vLLM's own server's (mean over rounds)
+    ttft_vs_vllm_server: float | None = None  # serve only: its TTFT mean / vLLM's own server's (mean over rounds)
     window: tuple[float, float] = (0.0, 0.0)  # wall clock (time.time()) of the reported pass
     steps: dict[str, float] | None = None  # where the engine's steps' time went (--step-times)
     cpu_s: dict[str, float] | None = None  # CPU seconds each group of processes used in the reported pass
@@ -90,9 +96,9 @@ async def _engine_stream(engine: Any, prompt: str, params: Any) -> AsyncIterator
         yield list(out.outputs[0].token_ids)
 
 
-def _cell(path: str, concurrency: int, raw: list[Any], seconds: float) -> Cell:
+def _cell(path: str, concurrency: int, raw: list[Any], seconds: float, cold: bool = False) -> Cell:
     ok = [r for r in raw if isinstance(r, Streamed)]
-    return Cell(path=path, concurrency=concurrency, requests=len(raw), errors=len(raw) - len(ok),
+    return Cell(path=path, concurrency=concurrency, cold=cold, requests=len(raw), errors=len(raw) - len(ok),
                 **latency_summary(ok, seconds))  # type: ignore[arg-type]
 
 
@@ -109,8 +115,21 @@ async def _median_cell(path: str, one: Any, prompts: list[str], concurrency: int
     return sorted(cells, key=lambda c: c.tokens_per_s)[len(cells) // 2]
 
 
+async def _cold_cell(path: str, one: Any, prompts: list[str], concurrency: int) -> Cell:
+    """The first `concurrency` prompts sent at once: the burst a freshly started server meets first."""
+    burst = (prompts * concurrency)[:concurrency]
+    start, cpu = time.time(), cpu_snapshot()
+    raw, seconds = await closed_loop(one, burst, concurrency)
+    cell = _cell(path, concurrency, raw, seconds, cold=True)
+    cell.window, cell.cpu_s = (start, time.time()), cpu_by_group(cpu, cpu_snapshot())
+    return cell
+
+
 async def bench_http(url: str, prompts: list[str], concurrencies: list[int], max_tokens: int,
-                     api_key: str | None, model: str | None, repeat: int = 1, client_kind: str = "openai") -> list[Cell]:
+                     api_key: str | None, model: str | None, repeat: int = 1, client_kind: str = "openai",
+                     cold: int | None = None) -> list[Cell]:
+    """Warm cells for every concurrency; first, with ``cold``, the server's first burst of that many
+    requests (call it right after the server became healthy)."""
     import httpx
     import openai
 
@@ -131,8 +150,9 @@ async def bench_http(url: str, prompts: list[str], concurrencies: list[int], max
         return await measure(_raw_stream(http, model, prompt, max_tokens))
 
     try:
+        first = [await _cold_cell("serve (HTTP)", one, prompts, cold)] if cold else []
         await closed_loop(one, prompts, max(concurrencies))  # warm-up: every prompt prefix-cached, like the engine's
-        return [await _median_cell("serve (HTTP)", one, prompts, c, repeat) for c in concurrencies]
+        return first + [await _median_cell("serve (HTTP)", one, prompts, c, repeat) for c in concurrencies]
     finally:
         await client.close()
         await http.aclose()
@@ -158,7 +178,7 @@ async def bench_engine(cfg: ServeConfig, prompts: list[str], concurrencies: list
 
 
 async def _bench_vllm_server(cfg: ServeConfig, prompts: list[str], concurrencies: list[int], max_tokens: int,
-                             repeat: int, client_kind: str, log_dir: Path) -> list[Cell]:
+                             repeat: int, client_kind: str, log_dir: Path, cold: int | None) -> list[Cell]:
     """vLLM's own OpenAI server with the same `vllm serve` flags the app's replicas use."""
     from tandem_vllm.serve.launch import free_port
     from tandem_vllm.vllm_adapter import engine as vllm_engine
@@ -168,7 +188,7 @@ async def _bench_vllm_server(cfg: ServeConfig, prompts: list[str], concurrencies
                                         log_path=log_dir / "vllm-server.log")
     try:
         cells = await bench_http(f"http://127.0.0.1:{port}", prompts, concurrencies, max_tokens, cfg.api_key,
-                                 cfg.served_model_name, repeat, client_kind)
+                                 cfg.served_model_name, repeat, client_kind, cold)
     finally:
         vllm_engine.stop_api_server(proc)
     for c in cells:
@@ -178,12 +198,13 @@ async def _bench_vllm_server(cfg: ServeConfig, prompts: list[str], concurrencies
 
 def run(*, url: str | None, config: ServeConfig, prompts: list[str], concurrencies: list[int], max_tokens: int,
         model: str | None, compare_engine: bool, repeat: int = 1, client_kind: str = "openai",
-        step_times: str | None = None, vllm_server: bool = False, rounds: int = 1) -> list[Cell]:
+        step_times: str | None = None, vllm_server: bool = False, rounds: int = 1, cold: bool = False) -> list[Cell]:
     """Serve cells (starting and stopping the app when no url is given), then bare-engine cells.
     ``vllm_server``: vLLM's own OpenAI server with the same flags, alternated with the app ``rounds``
     times (app, vLLM, app, vLLM, ...; one server up at a time). ``step_times``: a directory for the
     engines' step records (bench/steps.py) -- the app's when the benchmark starts it, the bare
-    engine's -- summarised per cell."""
+    engine's -- summarised per cell. ``cold``: each server's first burst, at concurrency
+    ``concurrencies[round % len(concurrencies)]``, before the warm-up."""
     if not prompts:
         raise TandemError('the prompts file is empty; pass a JSONL file with one {"prompt": ...} per line')
     if (vllm_server or rounds > 1) and url is not None:
@@ -200,13 +221,14 @@ def run(*, url: str | None, config: ServeConfig, prompts: list[str], concurrenci
     logs = Path(tempfile.mkdtemp(prefix="tandem-bench-serve-"))
     with steps.recording(step_times):
         for r in range(rounds):
+            burst = concurrencies[r % len(concurrencies)] if cold else None
             here = url
             if owned:
                 here = start(cfg, host="127.0.0.1", port=free_port(), grpc_port=free_port(), timeout_s=900).http
             assert here is not None
             try:
                 app = asyncio.run(bench_http(here, prompts, concurrencies, max_tokens, cfg.api_key, model, repeat,
-                                             client_kind))
+                                             client_kind, burst))
             finally:
                 if owned:
                     stop()
@@ -215,7 +237,7 @@ def run(*, url: str | None, config: ServeConfig, prompts: list[str], concurrenci
             if vllm_server:
                 gc.collect()
                 mine = app + asyncio.run(_bench_vllm_server(cfg, prompts, concurrencies, max_tokens, repeat,
-                                                            client_kind, logs))
+                                                            client_kind, logs, burst))
                 bar.update(1)
             if rounds > 1:
                 for c in mine:
@@ -232,23 +254,33 @@ def run(*, url: str | None, config: ServeConfig, prompts: list[str], concurrenci
             bar.update(1)
     bar.close()
     if vllm_server:
-        for c in cells:
-            theirs = [v.tokens_per_s for v in cells if v.path.startswith("vLLM") and v.concurrency == c.concurrency]
-            if c.path.startswith("serve") and theirs:
-                c.vs_vllm_server = round(c.tokens_per_s / (sum(theirs) / len(theirs)), 3)
+        compare_with_vllm_server(cells)
     if step_times:
         for c, summary in zip(cells, steps.per_window(step_times, [c.window for c in cells])):
             c.steps = summary
     return cells
 
 
+def compare_with_vllm_server(cells: list[Cell]) -> None:
+    """Each app cell's tokens/s and TTFT mean as a multiple of vLLM's own server's, over the rounds
+    (mean), for the same concurrency and burst: a first burst is compared with a first burst."""
+    for c in cells:
+        theirs = [v for v in cells if v.path.startswith("vLLM") and (v.concurrency, v.cold) == (c.concurrency, c.cold)]
+        if c.path.startswith("serve") and theirs:
+            c.vs_vllm_server = round(c.tokens_per_s / (sum(v.tokens_per_s for v in theirs) / len(theirs)), 3)
+            ttft = sum(v.ttft_ms_mean for v in theirs) / len(theirs)
+            c.ttft_vs_vllm_server = round(c.ttft_ms_mean / ttft, 3) if ttft else None
+
+
 def markdown(cells: list[Cell]) -> str:
-    head = ("| path | concurrency | requests | errors | tokens/s | TTFT mean ms | TTFT p50 ms | ITL p50 ms | "
-            "ITL p95 ms | overhead vs engine | × vLLM's server |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
-    lines = [f"| {c.path} | {c.concurrency} | {c.requests} | {c.errors} | {c.tokens_per_s:.1f} | "
-             f"{c.ttft_ms_mean:.0f} | {c.ttft_ms_p50:.0f} | {c.itl_ms_p50:.1f} | {c.itl_ms_p95:.1f} | "
+    head = ("| path | burst | concurrency | requests | errors | tokens/s | TTFT mean ms | TTFT p50 ms | ITL p50 ms | "
+            "ITL p95 ms | overhead vs engine | tokens/s × vLLM's server | TTFT × vLLM's server |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = [f"| {c.path} | {'cold' if c.cold else 'warm'} | {c.concurrency} | {c.requests} | {c.errors} | "
+             f"{c.tokens_per_s:.1f} | {c.ttft_ms_mean:.0f} | {c.ttft_ms_p50:.0f} | {c.itl_ms_p50:.1f} | {c.itl_ms_p95:.1f} | "
              f"{'—' if c.overhead is None else f'{c.overhead:+.1%}'} | "
-             f"{'—' if c.vs_vllm_server is None else f'{c.vs_vllm_server:.2f}×'} |" for c in cells]
+             f"{'—' if c.vs_vllm_server is None else f'{c.vs_vllm_server:.2f}×'} | "
+             f"{'—' if c.ttft_vs_vllm_server is None else f'{c.ttft_vs_vllm_server:.2f}×'} |" for c in cells]
     return head + "\n".join(lines) + "\n"
 
 
@@ -266,12 +298,6 @@ def cpu_markdown(cells: list[Cell]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
-def write_json(cells: list[Cell], path: Path, meta: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{k: v for k, v in asdict(c).items() if k != "window"} for c in cells]
-    path.write_text(json.dumps({**meta, "cells": rows}, indent=2) + "\n")
-
-
 def plot(cells: list[Cell], path: Path, title: str) -> None:
     import matplotlib
 
@@ -280,10 +306,14 @@ def plot(cells: list[Cell], path: Path, title: str) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for name in dict.fromkeys(c.path for c in cells):
-        mine = sorted((c for c in cells if c.path == name), key=lambda c: c.concurrency)
+        mine = sorted((c for c in cells if c.path == name and not c.cold), key=lambda c: c.concurrency)
         xs = [c.concurrency for c in mine]
-        a.plot(xs, [c.tokens_per_s for c in mine], "o-", label=name)
-        b.plot(xs, [c.ttft_ms_p50 for c in mine], "o-", label=name)
+        line = a.plot(xs, [c.tokens_per_s for c in mine], "o-", label=name)[0]
+        b.plot(xs, [c.ttft_ms_p50 for c in mine], "o-", label=name, color=line.get_color())
+        cold = [c for c in cells if c.path == name and c.cold]
+        if cold:  # the first burst after start: a cross of the same colour
+            b.plot([c.concurrency for c in cold], [c.ttft_ms_p50 for c in cold], "x", markersize=9,
+                   color=line.get_color(), label=f"{name}, first burst")
     for ax, ylabel in ((a, "tokens/s"), (b, "TTFT p50 (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent streaming clients")

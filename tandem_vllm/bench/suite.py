@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from tandem_vllm import report
 from tandem_vllm.errors import TandemError
 from tandem_vllm.prompts import Prompt
 
@@ -119,8 +120,7 @@ def run(s: Suite, engine_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
                     meta = {"set": name, "k": k, "temperature": t, "prompts": len(prompts), "max_tokens": s.max_tokens,
                             "suite": {k2: str(v) if isinstance(v, Path) else v for k2, v in asdict(s).items()},
                             "engine": engine_kwargs}
-                    engine.write_json(cells, path, meta)
-                    path.with_suffix(".md").write_text(engine.markdown(cells))
+                    report.write(path, {**meta, "cells": report.rows(cells)}, engine.markdown(cells))
                 records.append(json.loads(path.read_text()))
     write_summary(records, s.out)
     return records

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -12,15 +12,22 @@ Kind = Literal["tandem", "baseline", "eagle3", "lm"]
 VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
+def doc(default: Any = MISSING, help: str = "", *, flag: bool = True) -> Any:
+    """A field with its description: the ``tandem-vllm train`` flags are generated from these
+    (cli_fields.add_dataclass_flags); ``flag=False`` keeps a field off the command line."""
+    metadata = {"help": help, "flag": flag}
+    return field(metadata=metadata) if default is MISSING else field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class ModelDims:
     """Dims of a model trained from scratch (Llama-style)."""
 
-    layers: int = 1
-    hidden: int = 128
-    heads: int = 4
-    kv_heads: int = 4
-    intermediate: int = 0  # 0 = round(8/3 * hidden) up to a multiple of 32 (Llama's SwiGLU ratio)
+    layers: int = doc(1, "drafter layers (an EAGLE-3 head has one)")
+    hidden: int = doc(128, "hidden size (with --share-target: the target's)")
+    heads: int = doc(4, "attention heads")
+    kv_heads: int = doc(4, "key/value heads (on the command line: --heads unless given)")
+    intermediate: int = doc(0, "MLP width; 0 = 8/3 * hidden rounded up to a multiple of 32 (Llama's SwiGLU ratio)")
 
     def __post_init__(self) -> None:
         for name in ("layers", "hidden", "heads", "kv_heads"):
@@ -51,43 +58,53 @@ class TrainArgs:
     """``tandem-vllm train``. ``kind``: tandem drafter, standalone baseline drafter, an EAGLE-3 head
     (one layer, ``dims.layers`` ignored; ``block_size`` draft steps unrolled in training), or a plain LM."""
 
-    kind: Kind
-    out: Path
-    data: tuple[Path, ...]
-    target: Path | None = None  # frozen target (teacher; Tandem reads its hidden states)
-    tokenizer: Path | None = None  # for kind="lm" only: the tokenizer directory
-    eval_data: tuple[Path, ...] = ()  # default: the last 5% of packed sequences
-    dims: ModelDims = field(default_factory=ModelDims)
-    taps: str = "span"  # 'span', 'uniform', 'top' or a comma list of target tap indices
-    block_size: int = 2  # gamma_train (the paper's: 2); with block_min, the longest block
-    block_min: int = 0  # > 0: every block's length is drawn from block_min..block_size (variable blocks)
-    gen_data: tuple[Path, ...] = ()  # directories from `tandem-vllm gen-data` (the target's own continuations)
-    gen_ratio: float = 0.5  # with gen_data: the fraction of every batch drawn from it
-    seq_len: int = 256
-    batch_size: int = 8
-    grad_accum: int = 1
-    steps: int = 1000
-    lr: float = 3e-3
-    warmup: int = 50
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    loss: Literal["ce", "distil"] = "distil"
-    ce_fraction: float = 0.5  # distil: stage 1 (CE only) takes this fraction of the steps
-    eval_every: int = 100
-    eval_batches: int = 4
-    save_every: int = 100
-    seed: int = 0
-    device: str = "auto"
-    bf16: Literal["auto", "on", "off"] = "auto"
-    attn: Literal["auto", "sdpa", "flex"] = "auto"  # Tandem training attention; auto = flex on CUDA
-    resume: bool | Literal["auto"] = False  # "auto": continue the run in out if it has a checkpoint, else start it
-    progress: bool = True
-    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun / Ray Train: replicate the student (DDP) or shard
-    # the student and the frozen target across the processes (FSDP2)
-    target_pass: Path | None = None  # train from a `target-pass` directory instead of running the target
-    draft_vocab: int = 0  # > 0: the drafter's head covers the N most frequent training tokens (tandem, eagle3)
-    share_target: bool = False  # the student's embedding and LM head are the target's, frozen (width = target's)
-    init_layers: tuple[int, ...] = ()  # student layer j starts as target layer init_layers[j] (+ the final norm)
+    out: Path = doc(help="run directory; the exported model lands here")
+    kind: Kind = doc("tandem", "tandem: a Tandem drafter; baseline: a standalone drafter; eagle3: an EAGLE-3 head (one "
+                     "layer for vLLM's eagle3 method, block_size draft steps unrolled in training); lm: a plain LM")
+    data: tuple[Path, ...] = doc((), "text or JSONL files (or --target-pass)")
+    target: Path | None = doc(None, "frozen target model directory (the teacher; Tandem reads its hidden states)")
+    tokenizer: Path | None = doc(None, "tokenizer directory (--kind lm without --target)")
+    eval_data: tuple[Path, ...] = doc((), "held-out files (default: the last 5% of the packed sequences)")
+    dims: ModelDims = doc(ModelDims(), "the drafter's shape (flags --layers, --hidden, --heads, --kv-heads, --intermediate)")
+    taps: str = doc("span", "tap map l(j): 'span' (embedding..final), 'uniform', 'top' or target tap indices such as '0,8'")
+    block_size: int = doc(2, "training blocks: a length (2 = the paper's gamma_train) or a range such as 1-4, each "
+                             "block's length drawn from it (cover the k you serve)")
+    block_min: int = doc(0, "> 0: every block's length is drawn from block_min..block_size (the range's low end)",
+                         flag=False)
+    gen_data: tuple[Path, ...] = doc((), "directories from `tandem-vllm gen-data` (the target's own text)")
+    gen_ratio: float = doc(0.5, "with --gen-data: the fraction of every batch drawn from it")
+    seq_len: int = doc(256, "tokens per training row")
+    batch_size: int = doc(8, "rows per micro-batch (global, at any number of processes)")
+    grad_accum: int = doc(1, "micro-batches per optimizer step")
+    steps: int = doc(1000, "optimizer steps")
+    lr: float = doc(3e-3, "peak learning rate (linear warm-up, cosine decay)")
+    warmup: int = doc(50, "warm-up steps")
+    min_lr_ratio: float = doc(0.1, "the cosine decay's floor, as a fraction of --lr")
+    weight_decay: float = doc(0.01, "AdamW weight decay")
+    loss: Literal["ce", "distil"] = doc("distil", "ce: the next token; distil: the target's distribution")
+    ce_fraction: float = doc(0.5, "distil: the fraction of steps in the CE-only stage 1")
+    eval_every: int = doc(100, "steps between held-out evaluations")
+    eval_batches: int = doc(4, "held-out batches per evaluation")
+    save_every: int = doc(100, "steps between checkpoints")
+    seed: int = doc(0, "data order and initialisation")
+    device: str = doc("auto", "auto, cpu, cuda or cuda:N")
+    bf16: Literal["auto", "on", "off"] = doc("auto", "bfloat16 autocast (auto: on CUDA)")
+    attn: Literal["auto", "sdpa", "flex"] = doc("auto", "Tandem training attention (auto: flex on CUDA)")
+    resume: bool | Literal["auto"] = doc(False, "continue the run in --out from its last checkpoint, at any number of "
+                                                "processes ('--resume auto': continue if there is one, else start; for "
+                                                "jobs that are retried)")
+    progress: bool = doc(True, "a progress bar", flag=False)
+    parallel: Literal["ddp", "fsdp"] = doc("ddp", "under torchrun or --ray: a copy of the drafter per process (ddp) or "
+                                                  "the drafter and the frozen target sharded across them (fsdp, FSDP2); "
+                                                  "--batch-size is the global micro-batch either way")
+    target_pass: Path | None = doc(None, "a `tandem-vllm target-pass` directory: the whole training data, with the "
+                                         "target's states and top-k read from disk (the target does not run)")
+    draft_vocab: int = doc(0, "tandem/eagle3: the head covers the N most frequent training tokens (needs "
+                              "--target-pass); 0 = the whole vocabulary")
+    share_target: bool = doc(False, "the drafter's embedding and LM head are the target's, frozen and not stored "
+                                    "(--hidden must equal the target's)")
+    init_layers: tuple[int, ...] = doc((), "tandem/baseline: drafter layer j starts as target layer L_j (and the final "
+                                           "norm as the target's); needs the target's layer shape")
 
     def __post_init__(self) -> None:
         if self.kind in ("tandem", "baseline", "eagle3") and self.target is None:

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tandem_vllm.cli import gen_settings, parser, train_args
+from tandem_vllm.cli import parser
+from tandem_vllm.commands.gen_data import gen_settings
+from tandem_vllm.commands.train import train_args
 from tests.chart import kuberay
 from tests.chart.test_chart import pod_validator
 

@@ -4,15 +4,24 @@ drafter drafts, each row checked against the same request with speculation off.
 Tests call ``check(row, ...)`` for a row; its outcome (and what was compared) is recorded, and at the
 end of the session ``write()`` renders results/compat/matrix.{json,md}. docs/serving.md's table is that
 markdown, and a unit test keeps the two equal, so the table is generated from test results.
+
+The suite runs the matrix on the ci pair. ``TANDEM_COMPAT_PAIR=chat`` runs it on the chat pair
+(SmolLM2-135M-Instruct and its shipped Tandem drafter) instead, into results/compat/chat/:
+``TANDEM_COMPAT_PAIR=chat .venv/bin/python -m pytest tests/integration/test_compat_matrix.py
+tests/integration/test_compat_vllm_server.py``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parents[2] / "results" / "compat"
+PAIR = os.environ.get("TANDEM_COMPAT_PAIR", "ci")
+if PAIR not in ("ci", "chat"):
+    raise ValueError(f"TANDEM_COMPAT_PAIR={PAIR!r}: choose ci or chat")
+RESULTS = Path(__file__).resolve().parents[2] / "results" / "compat" / ("" if PAIR == "ci" else PAIR)
 _outcomes: dict[str, dict[str, Any]] = {}
 
 # the rows, in the table's order: feature -> how it is served

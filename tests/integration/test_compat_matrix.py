@@ -1,4 +1,5 @@
-"""The compatibility matrix through the Ray Serve app's OpenAI API (ci demo pair, Tandem k=3, prefix
+"""The compatibility matrix through the Ray Serve app's OpenAI API (ci demo pair or, with
+TANDEM_COMPAT_PAIR=chat, the chat pair; Tandem k=3, prefix
 caching on): every row sends a request with speculation and the same request with speculation off
 for that request (vllm_xargs speculate=off: plain target decoding in the same engine), and checks
 that the drafter really drafted, that greedy output is identical, and that what was asked for holds
@@ -17,7 +18,7 @@ import pytest
 import ray  # noqa: F401  (required: a missing package fails the suite)
 import vllm  # noqa: F401  (required: a missing package fails the suite)
 
-from tests.integration.compat import Row
+from tests.integration.compat import PAIR, Row
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +34,7 @@ def app():
     # whitespace inside JSON bounded (the small demo target would loop on it) and cached prompt tokens reported
     # (tool calls: vLLM 0.32 wants auto tool choice and a parser even for a named tool_choice; pythonic needs no
     # special tokens in the vocabulary)
-    cfg = {"demo": "ci", "vllm_args": ["--enable-prefix-caching", "--enable-prompt-tokens-details", "--enable-auto-tool-choice",
+    cfg = {"demo": PAIR, "vllm_args": ["--enable-prefix-caching", "--enable-prompt-tokens-details", "--enable-auto-tool-choice",
                          "--tool-call-parser", "pythonic",
                          "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}'],
            "kv_cache_memory_bytes": 256 * 2**20,

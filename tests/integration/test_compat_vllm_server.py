@@ -14,7 +14,7 @@ import vllm  # noqa: F401  (required: a missing package fails the suite)
 from tandem_vllm.demo.build import build
 from tandem_vllm.serve.launch import free_port
 from tandem_vllm.vllm_adapter.engine import start_api_server, stop_api_server
-from tests.integration.compat import Row
+from tests.integration.compat import PAIR, Row
 from tests.integration.test_compat_matrix import _completion_text, _same_greedy, both
 
 pytestmark = pytest.mark.slow
@@ -23,7 +23,7 @@ PROMPTS = ["def parse(line):\n", "class Stack:\n    def push(self, x):\n", "for 
 
 
 def _server(extra: list[str], log_path, env: dict[str, str] | None = None):
-    demo = build("ci", progress=False)
+    demo = build(PAIR, progress=False)
     port = free_port()
     spec = {"model": demo["tandem"], "num_speculative_tokens": 3}
     argv = ["--model", demo["target"], "--served-model-name", "m", "--dtype", "float32", "--max-model-len", "1024",
@@ -39,6 +39,8 @@ def _server(extra: list[str], log_path, env: dict[str, str] | None = None):
      {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}),
 ])
 def test_vllm_server_row(name, extra, env, tmp_path):
+    if PAIR == "chat" and name == "tensor parallel 2":
+        pytest.skip("SmolLM2-135M's 3 KV heads do not split over 2 ranks")
     p, client = _server(extra, tmp_path / "server.log", env)
     try:
         with Row(name) as row:

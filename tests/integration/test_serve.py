@@ -392,11 +392,16 @@ def test_bench_serve_against_the_running_app(app, tmp_path, capsys, client):
     out = tmp_path / "serve.json"
     main(["bench", "serve", "--url", app.http, "--api-key", KEY, "--prompts", build("ci", progress=False)["heldout_prompts"],
           "--num-prompts", "4", "--concurrency", "1,2", "--max-tokens", "8", "--repeat", "1", "--json", str(out),
-          "--plot", str(tmp_path / "s.png"), "--client", client])
+          "--plot", str(tmp_path / "s.png"), "--client", client, "--cold"])
     cells = json.loads(out.read_text())["cells"]
-    assert [(c["path"], c["concurrency"]) for c in cells] == [("serve (HTTP)", 1), ("serve (HTTP)", 2)]
-    assert all(c["errors"] == 0 and c["tokens"] == 4 * 8 and c["tokens_per_s"] > 0 for c in cells)
-    assert "| serve (HTTP) | 2 |" in capsys.readouterr().out and (tmp_path / "s.png").stat().st_size > 0
+    # --cold: first a burst of the first concurrency's size (1 request), then the warm cells
+    assert [(c["path"], c["concurrency"], c["cold"]) for c in cells] == [
+        ("serve (HTTP)", 1, True), ("serve (HTTP)", 1, False), ("serve (HTTP)", 2, False)]
+    assert [c["tokens"] for c in cells] == [8, 4 * 8, 4 * 8]
+    assert all(c["errors"] == 0 and c["tokens_per_s"] > 0 for c in cells)
+    shown = capsys.readouterr().out
+    assert "| serve (HTTP) | cold | 1 |" in shown and "| serve (HTTP) | warm | 2 |" in shown
+    assert (tmp_path / "s.png").stat().st_size > 0
 
 
 # ---------------------------------------------------------------- start-up refusals

@@ -139,3 +139,25 @@ def test_a_bad_workload_is_one_line_naming_the_line(tmp_path, text, fragment):
         read_workload(path)
     with pytest.raises(TandemError, match="expected an existing .jsonl file"):
         read_workload(tmp_path / "w.txt")
+
+
+def test_the_app_is_compared_with_vllms_server_burst_for_burst():
+    """A first burst after start is compared with vLLM's first burst at the same concurrency, a warm
+    cell with the warm cells (mean over rounds), never one with the other."""
+    from tandem_vllm.bench.serve import Cell, compare_with_vllm_server, markdown
+
+    def cell(path, c, cold, tps, ttft):
+        return Cell(path=path, concurrency=c, cold=cold, requests=c, errors=0, tokens=10, seconds=1.0,
+                    tokens_per_s=tps, ttft_ms_mean=ttft, ttft_ms_p50=ttft, itl_ms_p50=1.0, itl_ms_p95=2.0)
+
+    cells = [cell("serve (HTTP), round 1", 8, True, 50.0, 600.0), cell("serve (HTTP), round 1", 8, False, 100.0, 90.0),
+             cell("vLLM's own server (HTTP), round 1", 8, True, 60.0, 300.0),
+             cell("vLLM's own server (HTTP), round 1", 8, False, 100.0, 80.0),
+             cell("vLLM's own server (HTTP), round 2", 8, False, 150.0, 100.0)]
+    compare_with_vllm_server(cells)
+    cold, warm = cells[0], cells[1]
+    assert (cold.vs_vllm_server, cold.ttft_vs_vllm_server) == (round(50 / 60, 3), 2.0)
+    assert (warm.vs_vllm_server, warm.ttft_vs_vllm_server) == (0.8, 1.0)
+    assert cells[2].vs_vllm_server is None  # vLLM's own cells are the reference
+    table = markdown(cells)
+    assert "| serve (HTTP), round 1 | cold | 8 |" in table and "| 0.83× | 2.00× |" in table

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -64,11 +65,34 @@ def test_bad_serve_flags_are_one_line(args, message, tmp_path):
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_every_train_args_field_is_a_train_flag_and_left_out_flags_keep_its_defaults():
+    """One source: the train flags are TrainArgs' fields and ModelDims' (help from their metadata)."""
+    import dataclasses
+
+    from tandem_vllm.cli import parser
+    from tandem_vllm.cli_fields import flag
+    from tandem_vllm.commands.train import train_args
+    from tandem_vllm.train.args import ModelDims, TrainArgs
+
+    train = next(a for a in parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith(" train"))
+    flags = {s for act in train._actions for s in act.option_strings}
+    fields = [f for f in dataclasses.fields(TrainArgs) if f.metadata.get("flag", True) and f.name != "dims"]
+    assert {flag(f.name) for f in fields + list(dataclasses.fields(ModelDims))} <= flags
+    base = ["train", "--target", "t", "--data", "a.txt", "--out", "o"]
+    a = train_args(parser().parse_args(base))
+    assert a == TrainArgs(out=Path("o"), target=Path("t"), data=(Path("a.txt"),))  # every default is TrainArgs' own
+    a = train_args(parser().parse_args(base + ["--heads", "8", "--hidden", "256", "--block-size", "1-5", "--resume",
+                                               "auto", "--init-layers", "0", "3", "--layers", "2", "--weight-decay", "0"]))
+    assert (a.dims, a.block_min, a.block_size, a.resume, a.init_layers, a.weight_decay) == (
+        ModelDims(layers=2, hidden=256, heads=8, kv_heads=8), 1, 5, "auto", (0, 3), 0.0)
+    assert "the cosine decay's floor, as a fraction of --lr (default: 0.1)" in " ".join(train.format_help().split())
+
+
 def test_the_build_summary_prints_the_real_pairs_metrics(capsys):
     """The real pair evaluates drafters on the target's own replies (gen_* metrics), the others on text."""
-    from tandem_vllm.cli import _print_build
+    from tandem_vllm.commands.demo import print_build
 
     ev = {"gen_ce": 4.0, "gen_accuracy": 0.25, "gen_agreement": 0.3, "gen_tv": 0.7}
-    _print_build({"size": "real", "build_seconds": 1.0, "target": "T", "tandem": "D", "heldout_prompts": "P",
+    print_build({"size": "real", "build_seconds": 1.0, "target": "T", "tandem": "D", "heldout_prompts": "P",
                   "eval": {"tandem": ev}})
     assert "D  on the target's replies perplexity 54.60, accuracy 0.250, agreement with target 0.300" in capsys.readouterr().out
