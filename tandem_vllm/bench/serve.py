@@ -21,7 +21,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,13 +198,15 @@ async def _bench_vllm_server(cfg: ServeConfig, prompts: list[str], concurrencies
 
 def run(*, url: str | None, config: ServeConfig, prompts: list[str], concurrencies: list[int], max_tokens: int,
         model: str | None, compare_engine: bool, repeat: int = 1, client_kind: str = "openai",
-        step_times: str | None = None, vllm_server: bool = False, rounds: int = 1, cold: bool = False) -> list[Cell]:
+        step_times: str | None = None, vllm_server: bool = False, rounds: int = 1, cold: bool = False,
+        on_cells: Callable[[list[Cell]], None] | None = None) -> list[Cell]:
     """Serve cells (starting and stopping the app when no url is given), then bare-engine cells.
     ``vllm_server``: vLLM's own OpenAI server with the same flags, alternated with the app ``rounds``
     times (app, vLLM, app, vLLM, ...; one server up at a time). ``step_times``: a directory for the
     engines' step records (bench/steps.py) -- the app's when the benchmark starts it, the bare
     engine's -- summarised per cell. ``cold``: each server's first burst, at concurrency
-    ``concurrencies[round % len(concurrencies)]``, before the warm-up."""
+    ``concurrencies[round % len(concurrencies)]``, before the warm-up. ``on_cells``: called with every
+    cell so far after each server's pass (a long run that fails later keeps what it measured)."""
     if not prompts:
         raise TandemError('the prompts file is empty; pass a JSONL file with one {"prompt": ...} per line')
     if (vllm_server or rounds > 1) and url is not None:
@@ -243,6 +245,8 @@ def run(*, url: str | None, config: ServeConfig, prompts: list[str], concurrenci
                 for c in mine:
                     c.path += f", round {r + 1}"
             cells += mine
+            if on_cells:
+                on_cells(cells)
         if compare_engine:
             gc.collect()
             bare = asyncio.run(bench_engine(cfg, prompts, concurrencies, max_tokens, repeat))

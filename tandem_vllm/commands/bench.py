@@ -103,12 +103,17 @@ def run_serve(a: argparse.Namespace) -> None:
     if a.api_key:
         config = config.model_copy(update={"api_key": a.api_key})
     compare = a.compare_engine if a.compare_engine is not None else a.url is None
-    cells = bench.run(url=a.url, config=config, prompts=prompts, concurrencies=a.concurrency, max_tokens=a.max_tokens,
-                      model=a.model, compare_engine=compare, repeat=a.repeat, client_kind=a.client,
-                      step_times=a.step_times, vllm_server=a.vllm_server, rounds=a.rounds, cold=a.cold)
     meta = {"url": a.url or "started by the benchmark", "config": config.model_dump(exclude_none=True),
             "prompts": len(prompts), "max_tokens": a.max_tokens, "repeat": a.repeat, "client": a.client,
             "vllm_server": a.vllm_server, "rounds": a.rounds, "cold": a.cold}
+
+    def partial(cells: list[Any]) -> None:  # what is measured so far, in case a later server fails
+        report.write(a.json, {**meta, "complete": False, "cells": report.rows(cells)}, bench.markdown(cells))
+
+    cells = bench.run(url=a.url, config=config, prompts=prompts, concurrencies=a.concurrency, max_tokens=a.max_tokens,
+                      model=a.model, compare_engine=compare, repeat=a.repeat, client_kind=a.client,
+                      step_times=a.step_times, vllm_server=a.vllm_server, rounds=a.rounds, cold=a.cold,
+                      on_cells=partial)
     table = bench.markdown(cells)
     table += ("\nWhere the machine's CPU went (CPU ms per generated token by group of processes, reported pass; "
               "the last column is the machine's core time per token):\n\n" + bench.cpu_markdown(cells))
@@ -117,7 +122,7 @@ def run_serve(a: argparse.Namespace) -> None:
                                     ("path", "concurrency"), "Where the engine's steps' time goes")
     if a.plot:
         bench.plot(cells, Path(a.plot), f"{len(prompts)} prompts x {a.max_tokens} tokens, greedy, streaming")
-    common.write_report(a.json, {**meta, "cells": report.rows(cells)}, table)
+    common.write_report(a.json, {**meta, "complete": True, "cells": report.rows(cells)}, table)
 
 
 def add(sub: Any) -> None:

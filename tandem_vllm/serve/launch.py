@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from tandem_vllm.errors import TandemError
 from tandem_vllm.serve.app import APP_NAME, build_app
@@ -46,13 +46,27 @@ class Endpoints:
     grpc: str  # host:port
 
 
+# Ports free_port hands out: above Ray's worker ports (10002-19999 by default) and below the kernel's
+# ephemeral range (32768-60999 by default), from which every outgoing connection and every port-0 bind
+# -- vLLM's ZMQ sockets, Ray's -- takes its port. A port from the ephemeral range that was free when
+# chosen was seen taken by the time HAProxy bound it, tens of seconds later ("Address already in use").
+FREE_PORTS: Final = range(20000, 32768)
+
+
 def free_port() -> int:
-    """A TCP port free on loopback right now (for tests and benchmarks that start their own app)."""
+    """A TCP port free on this machine right now and outside the ranges other processes pick ports from
+    themselves (for tests and benchmarks that start their own app)."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    for port in random.sample(FREE_PORTS, 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise TandemError(f"no free TCP port in {FREE_PORTS.start}-{FREE_PORTS.stop - 1} after 200 tries")
 
 
 def start(cfg: ServeConfig | dict[str, Any], *, host: str = "0.0.0.0", port: int = 8000, grpc_port: int = 9000,

@@ -454,3 +454,20 @@ def test_haproxys_side_ports_move_when_another_server_holds_them(tmp_path, monke
         assert "TANDEM_TEST_FREE_PORT" not in os.environ  # a free default stays Ray's default
     finally:
         proc.kill()
+
+
+def test_free_ports_come_from_outside_the_ranges_other_processes_take_ports_from():
+    """A port picked from the kernel's ephemeral range (where every port-0 bind and outgoing connection
+    lands: vLLM's ZMQ sockets, Ray's) was taken again before HAProxy bound it; Ray's workers take
+    10002-19999. free_port() stays out of both, and what it returns binds."""
+    import socket
+    from pathlib import Path
+
+    from tandem_vllm.serve.launch import free_port
+
+    lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = {free_port() for _ in range(50)}
+    assert len(ports) > 40  # spread, not one port handed to every caller
+    assert all(not lo <= p <= hi and not 10002 <= p <= 19999 for p in ports), sorted(ports)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports.pop()))
