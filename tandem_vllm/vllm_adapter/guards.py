@@ -10,7 +10,7 @@ Server defaults come from ``$TANDEM_VLLM_GUARDS`` (JSON, set by the Serve app fr
 ``bench engine``) in the process that runs the scheduler; a request overrides them with
 ``SamplingParams.extra_args`` (OpenAI: ``vllm_xargs``) ``speculate_max_context``,
 ``speculate_min_acceptance``, ``speculate_window``, ``speculate_backoff`` (0 / 0.0 turns one off).
-tandem-vllm's scheduler applies them (``scheduler.py``); nothing here imports vLLM.
+The scheduler applies them (``patch_scheduler.py``, patch ``guards``); nothing here imports vLLM.
 """
 
 from __future__ import annotations

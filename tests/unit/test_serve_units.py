@@ -294,7 +294,7 @@ def test_grpc_sampling_options_map_to_vllm_and_bad_ones_are_invalid_argument():
     import vllm  # noqa: F401  (required: a missing package fails the suite)
 
     from tandem_vllm.serve import grpc_api as g
-    from tandem_vllm.vllm_adapter.scheduler import speculation_opted_out
+    from tandem_vllm.vllm_adapter.patch_scheduler import speculation_opted_out
 
     p = g.sampling_params(g.pb.SamplingOptions(temperature=0.0, seed=4, stop=["\n\n"]))
     assert p.max_tokens == g.DEFAULT_MAX_TOKENS and p.temperature == 0.0 and p.seed == 4 and p.stop == ["\n\n"]

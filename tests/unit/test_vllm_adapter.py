@@ -15,7 +15,6 @@ from tandem_vllm.vllm_adapter import (
     patches,
     proposer_v1,
     sampling_math,
-    scheduler,
 )
 
 
@@ -143,7 +142,7 @@ def test_an_unsupported_vllm_version_is_refused_by_name():
 def test_per_request_opt_out_values(extra_args, off):
     from types import SimpleNamespace
 
-    assert scheduler.speculation_opted_out(SimpleNamespace(extra_args=extra_args)) is off
+    assert patch_scheduler.speculation_opted_out(SimpleNamespace(extra_args=extra_args)) is off
 
 
 def _k0_classes():
@@ -156,17 +155,14 @@ def _k0_classes():
     class Scheduler:
         num_spec_tokens = 3
 
-        def __init__(self, ks, tandem=True, keeps_output=True):
-            self.ks, self.keeps_output = iter(ks), keeps_output
+        def __init__(self, ks, tandem=True):
+            self.ks = iter(ks)
             model = SimpleNamespace(hf_config=SimpleNamespace(
                 architectures=["TandemDrafterForCausalLM" if tandem else "LlamaForCausalLM"]))
             self.vllm_config = SimpleNamespace(speculative_config=SimpleNamespace(draft_model_config=model))
 
-        def schedule(self):  # keeps its output as tandem-vllm's scheduler does (scheduler.TandemScheduling)
-            out = Out(next(self.ks))
-            if self.keeps_output:
-                self.tandem_last_output = out
-            return out
+        def schedule(self):
+            return Out(next(self.ks))
 
     class Engine:
         async_scheduling = False
@@ -194,7 +190,7 @@ def test_drafts_are_fetched_from_the_runner_only_after_steps_that_asked_for_them
     without the patch (the negative control) every step pays it."""
     Scheduler, Engine = _k0_classes()
     assert _fetches(Engine(Scheduler([3, 0, 0, 3, 1])), 5) == [1, 2, 3, 4, 5]  # vLLM as it is
-    patch_scheduler.no_draft_handover_after_k0_steps(Engine)
+    patch_scheduler.no_draft_handover_after_k0_steps(Scheduler, Engine)
     engine = Engine(Scheduler([3, 0, 0, 3, 1]))
     assert _fetches(engine, 5) == [1, 1, 1, 2, 3]
     engine.async_scheduling = True  # drafts never go through post_step there; leave vLLM's path alone
@@ -202,11 +198,10 @@ def test_drafts_are_fetched_from_the_runner_only_after_steps_that_asked_for_them
     assert _fetches(engine, 1) == [4]
 
 
-def test_k0_skip_leaves_engines_without_a_tandem_drafter_or_scheduler_alone():
+def test_k0_skip_leaves_engines_without_a_tandem_drafter_alone():
     Scheduler, Engine = _k0_classes()
-    patch_scheduler.no_draft_handover_after_k0_steps(Engine)
+    patch_scheduler.no_draft_handover_after_k0_steps(Scheduler, Engine)
     assert _fetches(Engine(Scheduler([3, 0, 0, 3], tandem=False)), 4) == [1, 2, 3, 4]
-    assert _fetches(Engine(Scheduler([3, 0, 0, 3], keeps_output=False)), 4) == [1, 2, 3, 4]  # a user's --scheduler-cls
 
 
 @pytest.mark.parametrize(("tandem", "max_spec_len", "plain"), [(True, 0, True), (True, 2, False), (False, 0, False)])
