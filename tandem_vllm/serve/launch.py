@@ -46,11 +46,12 @@ class Endpoints:
     grpc: str  # host:port
 
 
-# Ports free_port hands out: above Ray's worker ports (10002-19999 by default) and below the kernel's
-# ephemeral range (32768-60999 by default), from which every outgoing connection and every port-0 bind
-# -- vLLM's ZMQ sockets, Ray's -- takes its port. A port from the ephemeral range that was free when
-# chosen was seen taken by the time HAProxy bound it, tens of seconds later ("Address already in use").
-FREE_PORTS: Final = range(20000, 32768)
+# Ports free_port hands out: above Ray's worker ports (10002-19999 by default), below Serve's direct-
+# ingress replica ports (30000-31000 HTTP, 40000-41000 gRPC) and the kernel's ephemeral range (32768-60999
+# by default), from which every outgoing connection and every port-0 bind -- vLLM's ZMQ sockets, Ray's --
+# takes its port. A port from the ephemeral range that was free when chosen was seen taken by the time
+# HAProxy bound it, tens of seconds later ("Address already in use").
+FREE_PORTS: Final = range(20000, 30000)
 
 
 def free_port() -> int:

@@ -459,7 +459,8 @@ def test_haproxys_side_ports_move_when_another_server_holds_them(tmp_path, monke
 def test_free_ports_come_from_outside_the_ranges_other_processes_take_ports_from():
     """A port picked from the kernel's ephemeral range (where every port-0 bind and outgoing connection
     lands: vLLM's ZMQ sockets, Ray's) was taken again before HAProxy bound it; Ray's workers take
-    10002-19999. free_port() stays out of both, and what it returns binds."""
+    10002-19999 and Serve's replicas 30000-31000 / 40000-41000. free_port() stays out of all of them,
+    and what it returns binds."""
     import socket
     from pathlib import Path
 
@@ -468,6 +469,7 @@ def test_free_ports_come_from_outside_the_ranges_other_processes_take_ports_from
     lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     ports = {free_port() for _ in range(50)}
     assert len(ports) > 40  # spread, not one port handed to every caller
-    assert all(not lo <= p <= hi and not 10002 <= p <= 19999 for p in ports), sorted(ports)
+    taken_by_ray = (range(10002, 20000), range(30000, 31001), range(40000, 41001))  # workers, direct ingress
+    assert all(not lo <= p <= hi and not any(p in r for r in taken_by_ray) for p in ports), sorted(ports)
     with socket.socket() as s:
         s.bind(("127.0.0.1", ports.pop()))
