@@ -102,27 +102,18 @@ def _cell(path: str, concurrency: int, raw: list[Any], seconds: float, cold: boo
                 **latency_summary(ok, seconds))  # type: ignore[arg-type]
 
 
-async def _median_cell(path: str, one: Any, prompts: list[str], concurrency: int, repeat: int) -> Cell:
+async def _median_cell(path: str, one: Any, prompts: list[str], concurrency: int, repeat: int,
+                       cold: bool = False) -> Cell:
     """The median (by tokens/s) of `repeat` closed-loop passes, each with the CPU every group of the
     machine's processes used during it."""
     cells = []
     for _ in range(repeat):
         start, cpu = time.time(), cpu_snapshot()
         raw, seconds = await closed_loop(one, prompts, concurrency)
-        cells.append(_cell(path, concurrency, raw, seconds))
+        cells.append(_cell(path, concurrency, raw, seconds, cold))
         cells[-1].window = (start, time.time())
         cells[-1].cpu_s = cpu_by_group(cpu, cpu_snapshot())
     return sorted(cells, key=lambda c: c.tokens_per_s)[len(cells) // 2]
-
-
-async def _cold_cell(path: str, one: Any, prompts: list[str], concurrency: int) -> Cell:
-    """The first `concurrency` prompts sent at once: the burst a freshly started server meets first."""
-    burst = (prompts * concurrency)[:concurrency]
-    start, cpu = time.time(), cpu_snapshot()
-    raw, seconds = await closed_loop(one, burst, concurrency)
-    cell = _cell(path, concurrency, raw, seconds, cold=True)
-    cell.window, cell.cpu_s = (start, time.time()), cpu_by_group(cpu, cpu_snapshot())
-    return cell
 
 
 async def bench_http(url: str, prompts: list[str], concurrencies: list[int], max_tokens: int,
@@ -150,7 +141,9 @@ async def bench_http(url: str, prompts: list[str], concurrencies: list[int], max
         return await measure(_raw_stream(http, model, prompt, max_tokens))
 
     try:
-        first = [await _cold_cell("serve (HTTP)", one, prompts, cold)] if cold else []
+        # the first `cold` prompts sent at once: the burst a freshly started server meets first
+        burst = (prompts * cold)[:cold] if cold else []
+        first = [await _median_cell("serve (HTTP)", one, burst, cold, 1, cold=True)] if cold else []
         await closed_loop(one, prompts, max(concurrencies))  # warm-up: every prompt prefix-cached, like the engine's
         return first + [await _median_cell("serve (HTTP)", one, prompts, c, repeat) for c in concurrencies]
     finally:

@@ -11,24 +11,24 @@ from tandem_vllm import report
 from tandem_vllm.errors import TandemError
 
 
-def int_list0(text: str) -> list[int]:
+def _ints(text: str, least: int, example: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers such as 0,15,30") from None
-    if any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least 0")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers such as {example}") from None
+    if any(v < least for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least {least}")
     return values
+
+
+def int_list0(text: str) -> list[int]:
+    """Indices such as taps: 0,15,30."""
+    return _ints(text, 0, "0,15,30")
 
 
 def int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers such as 1,4,16") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least 1")
-    return values
+    """Counts such as batch sizes: 1,4,16."""
+    return _ints(text, 1, "1,4,16")
 
 
 def blocks(text: str) -> tuple[int, int]:
