@@ -23,6 +23,7 @@ from typing import Any
 
 from ray import serve
 
+from tandem_vllm.serve.chat_template import tool_support
 from tandem_vllm.serve.config import ServeConfig, replica_options
 from tandem_vllm.serve.middleware import LimitsAndLogging
 from tandem_vllm.vllm_adapter.stats import spec_metrics_of
@@ -65,11 +66,12 @@ class TandemServer:
                                 "num_speculative_tokens": self.spec_k, "max_model_len": self.max_model_len}))
 
     async def __serve_build_asgi_app__(self) -> Any:
-        from tandem_vllm.vllm_adapter.engine import openai_app
+        from tandem_vllm.vllm_adapter.engine import chat_templates, openai_app
 
         app = await openai_app(self.engine, self.args)
         app.add_middleware(LimitsAndLogging, max_request_bytes=self.cfg.max_request_bytes, max_n=self.cfg.max_n,
-                           extra_roles=tuple(self.cfg.extra_chat_roles), api_key=self.cfg.api_key, replica=self.replica)
+                           extra_roles=tuple(self.cfg.extra_chat_roles), api_key=self.cfg.api_key, replica=self.replica,
+                           tool_support=tool_support(chat_templates(self.engine, self.args)))
         return app
 
     async def check_health(self) -> None:

@@ -5,7 +5,9 @@ request reaches the engine: a body over ``max_request_bytes`` is 413, ``n`` abov
 Chat messages are checked as OpenAI's API checks them (vLLM's app would render an unknown role or a
 user message without content through the chat template and answer 200): a role outside OpenAI's, or
 a system / developer / user / tool message with no content, is 400 naming ``messages[i].role`` or
-``messages[i].content``; ``extra_roles`` admits roles a model's chat template defines.
+``messages[i].content``; ``extra_roles`` admits roles a model's chat template defines. Tool calling the
+model's chat template cannot express (``tool_support``, see chat_template.py) is 400 naming the field
+the prompt would lose.
 The body is read once (it is bounded) and replayed to the app, so streaming responses are untouched.
 With ``api_key`` every route needs ``Authorization: Bearer <key>`` except the probes in ``OPEN_PATHS``
 (vLLM's own check guards only /v1, /v2, /inference and /cohere: /tokenize, /invocations and the
@@ -25,6 +27,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from tandem_vllm.serve.chat_template import ToolSupport, tool_error
+
 logger = logging.getLogger("tandem_vllm.serve")
 
 Scope = dict[str, Any]
@@ -40,8 +44,9 @@ def openai_error(status: int, message: str, *, type_: str = "BadRequestError", p
 
 class LimitsAndLogging:
     def __init__(self, app: Callable, *, max_request_bytes: int, max_n: int, extra_roles: tuple[str, ...] = (),
-                 api_key: str | None = None, replica: str = "") -> None:
+                 api_key: str | None = None, replica: str = "", tool_support: ToolSupport | None = None) -> None:
         self.app = app
+        self.tool_support = tool_support
         self.replica = replica
         self.replica_header = (b"x-tandem-replica", replica.encode("latin-1"))
         self.key_hash = hashlib.sha256(api_key.encode()).digest() if api_key else None
@@ -109,13 +114,18 @@ class LimitsAndLogging:
         except UnicodeDecodeError as e:
             return (400, openai_error(400, f"request body is not valid UTF-8 (byte {e.start}); send JSON "
                                       f"encoded as UTF-8")), receive
-        n = _field(body, "n")
+        request = _json_object(body)
+        n = request.get("n")
         if isinstance(n, int) and not isinstance(n, bool) and n > self.max_n:
             return (400, openai_error(400, f"n={n} exceeds this server's limit of {self.max_n} completions "
                                       f"per request", param="n")), receive
-        if scope["path"] == "/v1/chat/completions" and (bad := chat_message_error(_field(body, "messages"), self.roles)):
-            message, param = bad
-            return (400, openai_error(400, message, param=param)), receive
+        if scope["path"] == "/v1/chat/completions":
+            bad = chat_message_error(request.get("messages"), self.roles)
+            if bad is None and self.tool_support is not None:
+                bad = tool_error(request, self.tool_support)
+            if bad is not None:
+                message, param = bad
+                return (400, openai_error(400, message, param=param)), receive
         return None, _replay([{"type": "http.request", "body": body, "more_body": False}], then=receive)
 
 
@@ -137,12 +147,12 @@ def chat_message_error(messages: Any, roles: tuple[str, ...]) -> tuple[str, str]
     return None
 
 
-def _field(body: bytes, name: str) -> Any:
+def _json_object(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        return None  # the app answers malformed JSON in its own words
-    return data.get(name) if isinstance(data, dict) else None
+        return {}  # the app answers malformed JSON in its own words
+    return data if isinstance(data, dict) else {}
 
 
 def _replay(messages: list[dict[str, Any]], then: Callable | None = None) -> Callable:

@@ -149,6 +149,25 @@ async def openai_app(engine: Any, args: argparse.Namespace) -> Any:
     return app
 
 
+def chat_templates(engine: Any, args: argparse.Namespace) -> list[str]:
+    """The chat templates vLLM's chat route renders with on this engine, resolved as it resolves them:
+    for requests without tools and with tools (a tokenizer may keep one for each). Empty when none
+    resolves; vLLM then answers chat requests with its own error."""
+    from vllm.renderers.chat_utils import load_chat_template
+    from vllm.renderers.hf import resolve_chat_template
+
+    given = load_chat_template(args.chat_template)
+    found: list[str] = []
+    for tools in (None, []):
+        try:
+            text = resolve_chat_template(engine.get_tokenizer(), given, tools, model_config=engine.model_config)
+        except Exception:  # a template vLLM cannot resolve is vLLM's to report, per request
+            text = None
+        if text and text not in found:
+            found.append(text)
+    return found
+
+
 def speculation_of(engine: Any) -> tuple[str, int, str]:
     """(method, k, drafter) of an engine: method "tandem" for a Tandem drafter, vLLM's name otherwise,
     "" without speculation."""

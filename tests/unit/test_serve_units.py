@@ -339,6 +339,60 @@ def test_serve_cli_refuses_a_missing_model_in_one_line(tmp_path, capsys):
     assert err.startswith("tandem-vllm: error:") and "no config.json" in err and "\n" not in err
 
 
+# ChatML as small instruct models ship it: every role rendered, neither tools nor tool_calls read
+PLAIN_CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# a template that renders tool definitions and an assistant's calls
+TOOL_CHATML = ("{% if tools %}<tools>{{ tools | tojson }}</tools>{% endif %}{% for m in messages %}<|im_start|>"
+               "{{ m.role }}\n{{ m.content or '' }}{% for c in m.tool_calls or [] %}<call>{{ c.function.name }}</call>"
+               "{% endfor %}<|im_end|>{% endfor %}")
+CALL = [{"role": "user", "content": "read a.txt"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function",
+                                                              "function": {"name": "read", "arguments": "{}"}}]},
+        {"role": "tool", "content": "hello", "tool_call_id": "1"}]
+TOOLS = [{"type": "function", "function": {"name": "read", "parameters": {"type": "object"}}}]
+
+
+def test_what_a_chat_template_expresses_of_tool_calling():
+    from tandem_vllm.serve.chat_template import ToolSupport, tool_support
+
+    assert tool_support([PLAIN_CHATML]) == ToolSupport(definitions=False, calls=False)
+    assert tool_support([TOOL_CHATML]) == ToolSupport(definitions=True, calls=True)
+    subscript = "{% for m in messages %}{% if 'tool_calls' in m %}{{ m['tool_calls'] | tojson }}{% endif %}{% endfor %}"
+    assert tool_support([subscript]) == ToolSupport(definitions=False, calls=True)
+    assert tool_support([PLAIN_CHATML, TOOL_CHATML]) == ToolSupport(True, True)  # the template for tools counts
+    assert tool_support([]) is None and tool_support(["{% for %}"]) is None  # nothing known: nothing refused
+
+
+@pytest.mark.parametrize(
+    ("request_", "param"),
+    [
+        ({"messages": CALL}, "messages[1].tool_calls"),
+        ({"messages": CALL[:1], "tools": TOOLS}, "tools"),
+        ({"messages": CALL[:1], "tools": TOOLS, "tool_choice": "auto"}, "tools"),
+    ],
+)
+def test_tool_calling_a_template_would_drop_is_refused_naming_the_field(request_, param):
+    from tandem_vllm.serve.chat_template import tool_support
+
+    plain = LimitsAndLogging(_echo, max_request_bytes=4096, max_n=2, tool_support=tool_support([PLAIN_CHATML]))
+    status, got = _call(plain, json.dumps({"model": "m", **request_}).encode(), path="/v1/chat/completions")
+    assert status == 400 and got["error"]["param"] == param and "chat template cannot express" in got["error"]["message"]
+    capable = LimitsAndLogging(_echo, max_request_bytes=4096, max_n=2, tool_support=tool_support([TOOL_CHATML]))
+    assert _call(capable, json.dumps({"model": "m", **request_}).encode(), path="/v1/chat/completions")[0] == 200
+
+
+@pytest.mark.parametrize("choice", [{"type": "function", "function": {"name": "read"}}, "required", "none"])
+def test_constrained_or_declined_tool_choice_is_served_on_any_template(choice):
+    """A named or required tool_choice constrains the output to the tools' schemas: served without the
+    template showing them (the compatibility matrix's tool-call row); "none" asks for no call."""
+    from tandem_vllm.serve.chat_template import tool_support
+
+    plain = LimitsAndLogging(_echo, max_request_bytes=4096, max_n=2, tool_support=tool_support([PLAIN_CHATML]))
+    body = {"model": "m", "messages": CALL[:1], "tools": TOOLS, "tool_choice": choice}
+    assert _call(plain, json.dumps(body).encode(), path="/v1/chat/completions")[0] == 200
+
+
 @pytest.mark.parametrize(
     ("messages", "param", "fragment"),
     [
