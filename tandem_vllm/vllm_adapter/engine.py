@@ -158,6 +158,7 @@ def chat_templates(engine: Any, args: argparse.Namespace) -> list[str]:
 
     given = load_chat_template(args.chat_template)
     found: list[str] = []
+    tools: list[dict[str, Any]] | None
     for tools in (None, []):
         try:
             text = resolve_chat_template(engine.get_tokenizer(), given, tools, model_config=engine.model_config)
