@@ -37,7 +37,7 @@ from tandem_vllm.errors import TandemError
 from tandem_vllm.progress import progress_bar
 from tandem_vllm.prompts import Prompt
 from tandem_vllm.speculation import NGRAM, SAMPLED_DRAFTS, UNBOUNDED, drafter_config
-from tandem_vllm.vllm_adapter.engine import async_engine, spec_metrics
+from tandem_vllm.vllm_adapter.engine import async_engine, spec_metrics, stop_engine
 from tandem_vllm.vllm_adapter.guards import ENV as GUARDS_ENV
 from tandem_vllm.vllm_adapter.guards import server_defaults
 
@@ -200,7 +200,7 @@ async def bench_row(
             passes[len(passes) // 2].temperature = temperature
             cells.append(passes[len(passes) // 2])
     finally:
-        engine.shutdown()
+        stop_engine(engine)
     return cells
 
 

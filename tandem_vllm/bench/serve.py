@@ -167,7 +167,7 @@ async def bench_engine(cfg: ServeConfig, prompts: list[str], concurrencies: list
         await closed_loop(one, prompts, max(concurrencies))
         return [await _median_cell("bare engine", one, prompts, c, repeat) for c in concurrencies]
     finally:
-        engine.shutdown()
+        vllm_engine.stop_engine(engine)
 
 
 async def _bench_vllm_server(cfg: ServeConfig, prompts: list[str], concurrencies: list[int], max_tokens: int,

@@ -79,10 +79,12 @@ class TandemServer:
 
     async def __del__(self) -> None:
         # Serve waits up to graceful_shutdown_timeout_s for in-flight requests first; what is
-        # left is aborted with the engine.
+        # left is aborted with the engine, which stops as `vllm serve` stops it.
+        from tandem_vllm.vllm_adapter.engine import stop_engine
+
         engine = getattr(self, "engine", None)
         if engine is not None:
-            engine.shutdown()
+            stop_engine(engine)
 
     # ---- gRPC: tandem.v1.TandemGeneration ----
     async def Generate(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:

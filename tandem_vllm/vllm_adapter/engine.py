@@ -116,9 +116,17 @@ def offline_engine(**engine_kwargs: Any) -> Any:
     return LLM(**engine_kwargs)
 
 
+def stop_engine(engine: Any) -> None:
+    """Stop an AsyncLLM as `vllm serve` stops it: within vLLM's ``shutdown_timeout`` (0 unless set: at
+    once, requests still running are aborted). Left to its default, vLLM gives the engine process 5 s
+    to exit, and on CPU it takes them all before it is killed."""
+    engine.shutdown(timeout=engine.vllm_config.shutdown_timeout)
+
+
 def shutdown_offline(llm: Any) -> None:
-    """Stop an offline engine's process now (not at interpreter exit, when its log streams may be gone)."""
-    llm.llm_engine.engine_core.shutdown()
+    """Stop an offline engine's process now (not at interpreter exit, when its log streams may be gone),
+    within ``shutdown_timeout`` as ``stop_engine`` does."""
+    llm.llm_engine.engine_core.shutdown(timeout=llm.llm_engine.vllm_config.shutdown_timeout)
 
 
 def async_engine(**engine_kwargs: Any) -> Any:

@@ -527,3 +527,19 @@ def test_free_ports_come_from_outside_the_ranges_other_processes_take_ports_from
     assert all(not lo <= p <= hi and not any(p in r for r in taken_by_ray) for p in ports), sorted(ports)
     with socket.socket() as s:
         s.bind(("127.0.0.1", ports.pop()))
+
+
+def test_a_replica_stops_its_engine_as_vllm_serve_does():
+    """Within vLLM's shutdown_timeout (0 unless set), as `vllm serve` does: vLLM's default wait gives the
+    engine process 5 s, and an idle CPU engine used them all before it was killed."""
+    import types
+
+    from tandem_vllm.serve.app import TandemServer
+
+    timeouts = []
+    engine = types.SimpleNamespace(vllm_config=types.SimpleNamespace(shutdown_timeout=0),
+                                   shutdown=lambda timeout=None: timeouts.append(timeout))
+    asyncio.run(TandemServer.__del__(types.SimpleNamespace(engine=engine)))
+    assert timeouts == [0]
+    asyncio.run(TandemServer.__del__(types.SimpleNamespace()))  # a replica whose engine never started
+    assert timeouts == [0]
