@@ -89,6 +89,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *,
             kw["type"] = kind
         elif typing.get_origin(kind) is tuple and len(args) == 2 and args[1] is Ellipsis:
             kw["type"], kw["nargs"] = args[0], "+"
+        elif typing.get_origin(kind) is list and len(args) == 1:
+            kw["type"], kw["nargs"] = args[0], "+"
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: no flag for {kind!r}; give its settings in special")
         parser.add_argument(flag(f.name), **kw)

@@ -27,25 +27,28 @@ from tandem_vllm.errors import TandemError
 from tandem_vllm.modeling.reference import TandemDrafter
 from tandem_vllm.modeling.router import ROUTER_DIR, BlockLengthRouter, BlockLengthRouterConfig
 from tandem_vllm.modeling.target import hidden_taps, load_causal_lm
+from tandem_vllm.train.args import doc
 from tandem_vllm.train.data import pack, read_texts
 
 
 @dataclass(frozen=True)
 class RouterArgs:
-    target: Path
-    drafter: Path
-    data: list[Path]
-    out: Path
-    k: int = 3  # drafts per speculative step the router will serve
-    seq_len: int = 256
-    max_positions: int = 60_000  # labelled positions collected (90% train, 10% held out)
-    batch_size: int = 512
-    epochs: int = 20
-    lr: float = 3e-3
-    top_k: int = 4
-    hidden: int = 64
-    threshold: float = 0.5
-    seed: int = 0
+    """A ``train-router`` run; the command's flags are these fields (cli_fields.add_dataclass_flags)."""
+
+    target: Path = doc(help="the target the drafter was trained for")
+    drafter: Path = doc(help="Tandem drafter directory")
+    data: list[Path] = doc(help="text or JSONL files (training text)")
+    out: Path = doc(help="new drafter directory with the router")
+    k: int = doc(3, "drafts per step the router will serve (block length)")
+    seq_len: int = doc(256, "tokens per training window")
+    max_positions: int = doc(60_000, "labelled positions collected (90% train, 10% held out)")
+    batch_size: int = doc(512, "positions per router update")
+    epochs: int = doc(20, "passes over the labelled positions")
+    lr: float = doc(3e-3, "router learning rate")
+    top_k: int = doc(4, "top-k probabilities and embeddings used as features")
+    hidden: int = doc(64, "router MLP width")
+    threshold: float = doc(0.5, "keep drafting while P(accept) >= this")
+    seed: int = doc(0, "seed for the position sample and the router's initialisation")
 
     def __post_init__(self) -> None:
         if self.k < 2:

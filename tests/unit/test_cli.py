@@ -57,6 +57,29 @@ def test_every_serve_config_field_is_a_serve_flag_that_reaches_the_config():
     assert "Draft tokens proposed per verification step. (default: 3)" in " ".join(help_text.split())
 
 
+def test_every_router_args_field_is_a_train_router_flag_and_left_out_flags_keep_its_defaults():
+    """One source: the train-router flags are RouterArgs' fields (help from their metadata)."""
+    import dataclasses
+
+    from tandem_vllm.cli import parser
+    from tandem_vllm.cli_fields import flag, passed
+    from tandem_vllm.train.router import RouterArgs
+
+    router = next(a for a in parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith(" train-router"))
+    flags = {s for act in router._actions for s in act.option_strings}
+    assert {flag(f.name) for f in dataclasses.fields(RouterArgs)} <= flags
+    base = ["train-router", "--target", "t", "--drafter", "d", "--data", "a.txt", "b.jsonl", "--out", "o"]
+    a = parser().parse_args(base)
+    assert RouterArgs(**passed(a, a.router_fields)) == RouterArgs(target=Path("t"), drafter=Path("d"),
+                                                                 data=[Path("a.txt"), Path("b.jsonl")], out=Path("o"))
+    a = parser().parse_args(base + ["--k", "4", "--threshold", "0.7", "--batch-size", "64"])
+    got = RouterArgs(**passed(a, a.router_fields))
+    assert (got.k, got.threshold, got.batch_size, got.epochs) == (4, 0.7, 64, 20)
+    assert "keep drafting while P(accept) >= this (default: 0.5)" in " ".join(router.format_help().split())
+    with pytest.raises(SystemExit):
+        parser().parse_args(["train-router", "--target", "t", "--drafter", "d", "--out", "o"])  # --data is required
+
+
 @pytest.mark.parametrize("args, message", [(["--demo", "tiny"], "invalid choice: 'tiny'"),
                                            (["--autoscaling", "{min"], "--autoscaling is not JSON"),
                                            (["--max-n", "two"], "invalid int value")])
