@@ -35,6 +35,7 @@ import numpy as np
 from tandem_vllm.config import identity_differences
 from tandem_vllm.errors import TandemError
 from tandem_vllm.prompts import jsonl_rows, read_utf8
+from tandem_vllm.train.args import doc
 
 MANIFEST = "manifest.json"
 FORMAT = "tandem-vllm/generated-v1"
@@ -45,20 +46,23 @@ CPU_KV_CACHE_BYTES = 512 * 2**20
 class GenSettings:
     """What is generated; everything here is recorded in the manifest and must match on resume."""
 
-    target: Path
-    out: Path
-    corpus: tuple[Path, ...] = ()  # prompts cut from these text/JSONL files ...
-    prompts: Path | None = None  # ... or taken from this JSONL ({"prompt": ...} or {"messages": [...]})
-    num_prompts: int = 1024  # corpus windows to cut (a prompts file: at most this many rows)
-    prompt_tokens: tuple[int, int] = (16, 96)  # corpus window length, drawn uniformly per prompt
-    temperatures: tuple[float, ...] = (0.0, 1.0)  # one completion per prompt per temperature
-    top_p: float = 1.0
-    max_tokens: int = 128
-    shard_size: int = 256  # prompts per shard
-    seed: int = 0
-    engine_args: dict[str, Any] = field(default_factory=dict)  # extra vllm.LLM(...) arguments
-    backend: Literal["auto", "vllm", "torch"] = "auto"  # auto: vLLM where it is installed, else torch
-    progress: bool = True
+    target: Path = doc(help="the target model directory")
+    out: Path = doc(help="output directory (shards + manifest.json)")
+    corpus: tuple[Path, ...] = doc((), "text/JSONL files to cut prompt windows from (or --prompts)")
+    prompts: Path | None = doc(None, 'JSONL of {"prompt": ...} or {"messages": [...]} rows (or --corpus)')
+    num_prompts: int = doc(1024, "corpus windows to cut (a prompts file: at most this many rows)")
+    prompt_tokens: tuple[int, int] = doc((16, 96), "corpus window length in tokens, drawn uniformly per prompt: "
+                                                   "a range such as 16-96, or one length")
+    temperatures: tuple[float, ...] = doc((0.0, 1.0), "one completion per prompt each; 0 = greedy")
+    top_p: float = doc(1.0, "nucleus sampling for the sampled completions")
+    max_tokens: int = doc(128, "tokens per completion (match the trainer's --seq-len)")
+    shard_size: int = doc(256, "prompts per shard")
+    seed: int = doc(0, "seed for the corpus windows and the sampled completions")
+    engine_args: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": 'extra vllm.LLM arguments as JSON, e.g. \'{"dtype": "bfloat16"}\''})
+    backend: Literal["auto", "vllm", "torch"] = doc("auto", "vllm: vLLM's offline engine; torch: the reference decoder "
+                                                    "(no vLLM needed, CUDA when present); auto: vllm where it is installed")
+    progress: bool = doc(True, flag=False)
 
     def __post_init__(self) -> None:
         if bool(self.corpus) == (self.prompts is not None):

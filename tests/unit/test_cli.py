@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tandem_vllm.errors import TandemError
+
 
 def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "tandem_vllm.cli", *args], capture_output=True, text=True, timeout=120, cwd=cwd)
@@ -78,6 +80,37 @@ def test_every_router_args_field_is_a_train_router_flag_and_left_out_flags_keep_
     assert "keep drafting while P(accept) >= this (default: 0.5)" in " ".join(router.format_help().split())
     with pytest.raises(SystemExit):
         parser().parse_args(["train-router", "--target", "t", "--drafter", "d", "--out", "o"])  # --data is required
+
+
+def test_every_gen_settings_field_is_a_gen_data_flag_and_left_out_flags_keep_its_defaults():
+    """One source: the gen-data flags are GenSettings' fields (help from their metadata)."""
+    import dataclasses
+
+    from tandem_vllm.cli import parser
+    from tandem_vllm.cli_fields import flag
+    from tandem_vllm.commands.gen_data import gen_settings
+    from tandem_vllm.train.gen_data import GenSettings
+
+    gen = next(a for a in parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith(" gen-data"))
+    flags = {s for act in gen._actions for s in act.option_strings}
+    assert {flag(f.name) for f in dataclasses.fields(GenSettings) if f.name != "progress"} <= flags
+    base = ["gen-data", "--target", "t", "--out", "o"]
+    assert gen_settings(parser().parse_args(base + ["--prompts", "p.jsonl"])) == GenSettings(
+        target=Path("t"), out=Path("o"), prompts=Path("p.jsonl"))
+    got = gen_settings(parser().parse_args(base + ["--corpus", "a.txt", "b.txt", "--prompt-tokens", "64", "--temperatures",
+                                                   "0", "--engine-args", '{"dtype": "bfloat16"}']))
+    assert (got.corpus, got.prompt_tokens, got.temperatures, got.engine_args) == (
+        (Path("a.txt"), Path("b.txt")), (64, 64), (0.0,), {"dtype": "bfloat16"})
+    with pytest.raises(TandemError, match="either --corpus"):
+        gen_settings(parser().parse_args(base))
+
+
+@pytest.mark.parametrize("args, message", [(["--prompt-tokens", "many"], "expected a length such as 64"),
+                                           (["--engine-args", "[1]"], "must be a JSON object"),
+                                           (["--engine-args", "{dtype"], "not a JSON object")])
+def test_bad_gen_data_flags_are_one_line(args, message, tmp_path):
+    r = run_cli("gen-data", "--target", "t", "--out", "o", "--prompts", "p.jsonl", *args, cwd=tmp_path)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("args, message", [(["--demo", "tiny"], "invalid choice: 'tiny'"),
