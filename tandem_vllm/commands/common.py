@@ -32,10 +32,21 @@ def int_list(text: str) -> list[int]:
 
 
 def blocks(text: str) -> tuple[int, int]:
+    """``--block-size``: ``2`` -> (0, 2), ``1-4`` -> (1, 4)."""
+    return _range(text, "--block-size", (1, 4))
+
+
+def token_range(text: str) -> tuple[int, int]:
+    """``--prompt-tokens``: ``16-96``, or one length ``64`` (= 64-64)."""
+    lo, hi = _range(text, "--prompt-tokens", (16, 64))
+    return (lo or hi, hi)
+
+
+def _range(text: str, flag: str, example: tuple[int, int]) -> tuple[int, int]:
     from tandem_vllm.train.args import parse_blocks
 
     try:
-        return parse_blocks(text)
+        return parse_blocks(text, flag, example)
     except TandemError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from tandem_vllm.cli_fields import add_dataclass_flags, passed
+from tandem_vllm.commands import common
 
 
 def gen_settings(a: argparse.Namespace) -> Any:
@@ -15,15 +16,6 @@ def gen_settings(a: argparse.Namespace) -> Any:
 
     given: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in passed(a, a.gen_fields).items()}
     return gen_data.GenSettings(**given)
-
-
-def token_range(text: str) -> tuple[int, int]:
-    """``--prompt-tokens``: ``16-96`` or one length ``64`` (= 64-64)."""
-    lo, _, hi = text.partition("-")
-    try:
-        return (int(lo), int(hi)) if hi else (int(lo), int(lo))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a length such as 64 or a range such as 16-96") from None
 
 
 def json_object(text: str) -> dict[str, Any]:
@@ -58,7 +50,7 @@ def add(sub: Any) -> None:
     gd = sub.add_parser("gen-data", help="training data from the target itself: its continuations of prompts",
                         description="Writes JSONL shards of token ids (prompt + the target's completion, per temperature) "
                                     "and a manifest naming the target; rerun the same command to resume.")
-    special = {"prompt_tokens": {"type": token_range, "metavar": "N|LO-HI"},
+    special = {"prompt_tokens": {"type": common.token_range, "metavar": "N|LO-HI"},
                "engine_args": {"type": json_object, "metavar": "JSON"}}
     gd.set_defaults(gen_fields=add_dataclass_flags(gd, GenSettings, required=("target", "out"), special=special))
     gd.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",

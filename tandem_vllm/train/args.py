@@ -162,10 +162,12 @@ class TrainArgs:
         return round(self.gen_ratio * self.batch_size) if self.gen_data else 0
 
 
-def parse_blocks(spec: str) -> tuple[int, int]:
-    """``--block-size``: ``"2"`` = fixed blocks of 2 -> (0, 2); ``"1-4"`` = lengths drawn from 1..4 -> (1, 4)."""
+def parse_blocks(spec: str, flag: str = "--block-size", example: tuple[int, int] = (1, 4)) -> tuple[int, int]:
+    """``--block-size``: ``"2"`` = fixed blocks of 2 -> (0, 2); ``"1-4"`` = lengths drawn from 1..4 -> (1, 4).
+    Other length ranges (``flag``, with an ``example`` for the error) read the same way."""
     try:
         lo, _, hi = spec.partition("-")
         return (int(lo), int(hi)) if hi else (0, int(lo))
     except ValueError:
-        raise TandemError(f"--block-size {spec!r}: expected a length such as 2 or a range such as 1-4") from None
+        least, most = example
+        raise TandemError(f"{flag} {spec!r}: expected a length such as {most} or a range such as {least}-{most}") from None

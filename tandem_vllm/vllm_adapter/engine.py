@@ -164,12 +164,12 @@ def chat_templates(engine: Any, args: argparse.Namespace) -> list[str]:
     from vllm.renderers.chat_utils import load_chat_template
     from vllm.renderers.hf import resolve_chat_template
 
-    given = load_chat_template(args.chat_template)
+    given, tokenizer = load_chat_template(args.chat_template), engine.get_tokenizer()
     found: list[str] = []
     tools: list[dict[str, Any]] | None
     for tools in (None, []):
         try:
-            text = resolve_chat_template(engine.get_tokenizer(), given, tools, model_config=engine.model_config)
+            text = resolve_chat_template(tokenizer, given, tools, model_config=engine.model_config)
         except Exception:  # a template vLLM cannot resolve is vLLM's to report, per request
             text = None
         if text and text not in found:
