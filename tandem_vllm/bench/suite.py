@@ -4,7 +4,8 @@ For each evaluation set -- MT-Bench turn 1, MT-Bench turn 2 (turn 1 and the targ
 answer in the history), HumanEval -- each k and each temperature, the ``bench engine`` rows (target
 alone, vLLM's n-gram lookup, the standalone drafter, EAGLE-3, Tandem) at every batch size: one fresh
 engine per row, the same prompts, requests ending at the model's end of turn as a chat client's do.
-Greedy rows are checked token for token against target alone.
+Greedy rows are checked token for token against target alone. With a k schedule (``bench schedule``,
+measured on other prompts) a Tandem row drafts k by batch size as it says.
 
     OUT/<set>-k<k>-t<T>.json / .md   every cell (tokens/s, TTFT, ITL, tau, acceptance by depth, speed-up)
     OUT/summary.json / .md / .png    tau and batch-1 speed-up per drafter, set, k and temperature
@@ -25,7 +26,11 @@ from tandem_vllm.prompts import Prompt
 SETS: Final = ("mtbench", "mtbench2", "humaneval")
 # short names of bench engine rows, for the summary
 ROW_NAMES: Final = (("target alone", "target"), ("n-gram", "n-gram"), ("standalone", "standalone"),
-                    ("EAGLE-3", "EAGLE-3"), ("router", "Tandem router"), ("Tandem", "Tandem"))
+                    ("EAGLE-3", "EAGLE-3"), ("router", "Tandem router"), ("measured schedule", "Tandem k schedule"),
+                    ("Tandem", "Tandem"))
+# what a configuration's rows depend on beyond its set, k and temperature: a file measured otherwise is not reused
+ROW_SETTINGS: Final = ("target", "tandem", "baseline", "eagle3", "tandem_router", "k_schedule", "batch_sizes",
+                       "num_prompts", "max_tokens", "repeat")
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class Suite:
     num_prompts: int = 16
     max_tokens: int = 128
     repeat: int = 1
+    k_schedule: tuple[tuple[int, int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         bad = [s for s in self.sets if s not in SETS]
@@ -50,6 +56,25 @@ class Suite:
             raise TandemError(f"--sets {bad}: choose from {', '.join(SETS)}")
         if not 1 <= self.num_prompts <= 80:
             raise TandemError(f"--num-prompts {self.num_prompts}: MT-Bench has 80 questions; take 1..80")
+
+
+def settings(s: Suite) -> dict[str, Any]:
+    """The suite as a configuration file records it (JSON types)."""
+    return json.loads(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}))
+
+
+def reusable(path: Path, s: Suite) -> bool:
+    """Whether ``path`` holds this configuration measured with these drafters and settings; a file measured
+    with others is refused rather than mixed into the summary."""
+    if not path.is_file():
+        return False
+    recorded = json.loads(path.read_text()).get("suite", {})
+    mine = settings(s)
+    changed = [f"{k} {recorded.get(k)!r} -> {mine[k]!r}" for k in ROW_SETTINGS if recorded.get(k) != mine[k]]
+    if changed:
+        raise TandemError(f"{path} was measured with other settings ({'; '.join(changed)}): "
+                          "give another --out, or delete the file to measure it again")
+    return True
 
 
 def short(row: str) -> str:
@@ -112,14 +137,14 @@ def run(s: Suite, engine_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
         for k in s.ks:
             for t in s.temperatures:
                 path = s.out / f"{name}-k{k}-t{t:g}.json"
-                if not path.is_file():
+                if not reusable(path, s):
                     cells = engine.run(target=s.target, tandem=s.tandem, baseline=s.baseline, prompts=prompts,
                                        batch_sizes=list(s.batch_sizes), max_tokens=s.max_tokens, k=k,
                                        fallback_batch_size=None, engine_kwargs=engine_kwargs, repeat=s.repeat,
-                                       tandem_router=s.tandem_router, temperature=t, eagle3=s.eagle3, ignore_eos=False)
+                                       tandem_router=s.tandem_router, temperature=t, eagle3=s.eagle3, ignore_eos=False,
+                                       schedule=list(s.k_schedule) if s.k_schedule else None)
                     meta = {"set": name, "k": k, "temperature": t, "prompts": len(prompts), "max_tokens": s.max_tokens,
-                            "suite": {k2: str(v) if isinstance(v, Path) else v for k2, v in asdict(s).items()},
-                            "engine": engine_kwargs}
+                            "suite": settings(s), "engine": engine_kwargs}
                     report.write(path, {**meta, "cells": report.rows(cells)}, engine.markdown(cells))
                 records.append(json.loads(path.read_text()))
     write_summary(records, s.out)

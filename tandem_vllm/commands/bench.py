@@ -52,8 +52,10 @@ def run_suite(a: argparse.Namespace) -> None:
         paths = {k: paths[k] or manifest.get(k) for k in paths}
     if not paths["target"] or not paths["tandem"]:
         raise TandemError("bench suite needs --pair, or --target and --tandem (and any of --baseline, --eagle3)")
+    schedule = common.k_schedule(a.k_schedule, "--k-schedule") if a.k_schedule else None
     s = suite.Suite(**paths, out=a.out, sets=tuple(a.sets.split(",")), ks=tuple(a.k), temperatures=tuple(a.temperatures),
-                    batch_sizes=tuple(a.batch_sizes), num_prompts=a.num_prompts, max_tokens=a.max_tokens, repeat=a.repeat)
+                    batch_sizes=tuple(a.batch_sizes), num_prompts=a.num_prompts, max_tokens=a.max_tokens, repeat=a.repeat,
+                    k_schedule=tuple(schedule) if schedule else None)
     engine_kwargs = dict(dtype="float32", max_model_len=a.max_model_len, max_num_seqs=max(a.batch_sizes),
                          kv_cache_memory_bytes=a.kv_cache_mib * 2**20, enforce_eager=True, seed=0)
     records = suite.run(s, engine_kwargs)
@@ -166,6 +168,8 @@ def add(sub: Any) -> None:
     bsu.add_argument("--num-prompts", type=int, default=16, help="the first N prompts of each set")
     bsu.add_argument("--max-tokens", type=int, default=128)
     bsu.add_argument("--repeat", type=int, default=1)
+    bsu.add_argument("--k-schedule", metavar="JSON",
+                     help="a `bench schedule` report (measured on other prompts): adds a Tandem row drafting k by batch size")
     bsu.add_argument("--max-model-len", type=int, default=2048)
     bsu.add_argument("--kv-cache-mib", type=int, default=1024)
     bsu.set_defaults(func=run_suite)
