@@ -77,6 +77,13 @@ def reusable(path: Path, s: Suite) -> bool:
     return True
 
 
+def measured(s: Suite) -> list[Path]:
+    """Every configuration file in OUT, by set then name: the summary covers those an earlier run with other
+    --sets, --k or --temperatures measured too."""
+    order = {name: i for i, name in enumerate(SETS)}
+    return sorted(s.out.glob("*-k*-t*.json"), key=lambda p: (order.get(p.name.split("-k")[0], len(SETS)), p.name))
+
+
 def short(row: str) -> str:
     return next(name for key, name in ROW_NAMES if key in row)
 
@@ -127,12 +134,14 @@ def turn1_answers(s: Suite, tokenizer: Any, engine_kwargs: dict[str, Any]) -> li
 
 
 def run(s: Suite, engine_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every (set, k, temperature) configuration; each is written when done and skipped when present."""
+    """Every (set, k, temperature) configuration; each is written when done and skipped when present.
+    Returns every configuration in OUT, the summary's records."""
     from tandem_vllm.bench import engine
 
+    for path in measured(s):  # a file measured with other settings is refused before any engine starts
+        reusable(path, s)
     loads = workloads(s, engine_kwargs)
     s.out.mkdir(parents=True, exist_ok=True)
-    records: list[dict[str, Any]] = []
     for name, prompts in loads.items():
         for k in s.ks:
             for t in s.temperatures:
@@ -146,7 +155,7 @@ def run(s: Suite, engine_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
                     meta = {"set": name, "k": k, "temperature": t, "prompts": len(prompts), "max_tokens": s.max_tokens,
                             "suite": settings(s), "engine": engine_kwargs}
                     report.write(path, {**meta, "cells": report.rows(cells)}, engine.markdown(cells))
-                records.append(json.loads(path.read_text()))
+    records = [json.loads(p.read_text()) for p in measured(s)]
     write_summary(records, s.out)
     return records
 

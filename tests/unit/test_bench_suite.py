@@ -56,6 +56,11 @@ def test_a_rerun_reuses_what_was_measured_with_the_same_settings(tmp_path, measu
     assert len(measured) == 1
     suite.run(make(tmp_path, temperatures=(0.0, 1.0)), {})  # a new configuration is measured, the old one kept
     assert len(measured) == 2 and measured[1]["temperature"] == 1.0
+    records = suite.run(make(tmp_path, ks=(5,), sets=("humaneval",)), {})
+    # the summary covers what every run measured into the directory
+    assert [(r["set"], r["k"], r["temperature"]) for r in records] == [
+        ("mtbench", 3, 0.0), ("mtbench", 3, 1.0), ("humaneval", 5, 0.0)]
+    assert "| humaneval | 5 | 0 |" in (tmp_path / "summary.md").read_text()
 
 
 @pytest.mark.parametrize("change,named", [
