@@ -64,14 +64,15 @@ def first_turns(name: str) -> list[list[dict[str, str]]]:
     raise TandemError(f"unknown evaluation set {name!r}; choose {', '.join(EVAL_SETS)}")
 
 
-def second_turns(first_answers: list[str]) -> list[list[dict[str, str]]]:
-    """MT-Bench turn 2 of the first ``len(first_answers)`` questions: turn 1, the target's own turn-1
-    answer, then the second question."""
+def second_turns(first_answers: list[str], indices: list[int]) -> list[list[dict[str, str]]]:
+    """MT-Bench turn 2 of the questions at ``indices``: turn 1, the target's own turn-1 answer (one per
+    index), then the second question."""
     questions = mtbench_questions()
-    if len(first_answers) > len(questions):
-        raise TandemError(f"{len(first_answers)} turn-1 answers for {len(questions)} MT-Bench questions")
-    return [[{"role": "user", "content": q["turns"][0]}, {"role": "assistant", "content": a},
-             {"role": "user", "content": q["turns"][1]}] for q, a in zip(questions, first_answers)]
+    if len(first_answers) != len(indices) or not all(0 <= i < len(questions) for i in indices):
+        raise TandemError(f"{len(first_answers)} turn-1 answers for MT-Bench questions {indices} "
+                          f"(of {len(questions)})")
+    return [[{"role": "user", "content": questions[i]["turns"][0]}, {"role": "assistant", "content": a},
+             {"role": "user", "content": questions[i]["turns"][1]}] for i, a in zip(indices, first_answers)]
 
 
 def eval_texts() -> list[str]:

@@ -1,7 +1,7 @@
 """``tandem-vllm bench suite``: the comparison a user runs before choosing a drafter, on a chat target.
 
 For each evaluation set -- MT-Bench turn 1, MT-Bench turn 2 (turn 1 and the target's own greedy turn-1
-answer in the history), HumanEval -- each k and each temperature, the ``bench engine`` rows (target
+answer in the history), HumanEval; N questions spread evenly over each -- each k and each temperature, the ``bench engine`` rows (target
 alone, vLLM's n-gram lookup, the standalone drafter, EAGLE-3, Tandem) at every batch size: one fresh
 engine per row, the same prompts, requests ending at the model's end of turn as a chat client's do.
 Greedy rows are checked token for token against target alone. With a k schedule (``bench schedule``,
@@ -68,9 +68,11 @@ def reusable(path: Path, s: Suite) -> bool:
     with others is refused rather than mixed into the summary."""
     if not path.is_file():
         return False
-    recorded = json.loads(path.read_text()).get("suite", {})
-    mine = settings(s)
+    doc = json.loads(path.read_text())
+    recorded, mine = doc.get("suite", {}), settings(s)
     changed = [f"{k} {recorded.get(k)!r} -> {mine[k]!r}" for k in ROW_SETTINGS if recorded.get(k) != mine[k]]
+    if doc.get("questions") != questions(doc.get("set", ""), s.num_prompts):
+        changed.append(f"questions {doc.get('questions')!r} -> {questions(doc.get('set', ''), s.num_prompts)!r}")
     if changed:
         raise TandemError(f"{path} was measured with other settings ({'; '.join(changed)}): "
                           "give another --out, or delete the file to measure it again")
@@ -92,6 +94,19 @@ def render(tokenizer: Any, chats: list[list[dict[str, str]]]) -> list[Prompt]:
     return [Prompt(tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)) for c in chats]
 
 
+def spread(n: int, total: int) -> list[int]:
+    """``n`` indices spread evenly over ``total`` items: MT-Bench lists its 80 questions by category, ten
+    each (writing first), so its first 8 are all writing; 8 spread ones are one of each category."""
+    return [i * total // n for i in range(min(n, total))]
+
+
+def questions(name: str, n: int) -> list[int]:
+    """Which questions of set ``name`` a suite of ``n`` prompts per set asks (indices into the set)."""
+    from tandem_vllm.evalsets import humaneval_problems, mtbench_questions
+
+    return spread(n, len(humaneval_problems() if name == "humaneval" else mtbench_questions()))
+
+
 def workloads(s: Suite, engine_kwargs: dict[str, Any]) -> dict[str, list[Prompt]]:
     """Each set's prompts, rendered with the target's chat template."""
     from tandem_vllm.evalsets import first_turns, second_turns
@@ -100,22 +115,23 @@ def workloads(s: Suite, engine_kwargs: dict[str, Any]) -> dict[str, list[Prompt]
     _, tokenizer = load_identity(s.target)
     out: dict[str, list[Prompt]] = {}
     for name in s.sets:
+        chosen = questions(name, s.num_prompts)
         if name == "mtbench2":
-            answers = turn1_answers(s, tokenizer, engine_kwargs)
-            out[name] = render(tokenizer, second_turns(answers))
+            out[name] = render(tokenizer, second_turns(turn1_answers(s, tokenizer, engine_kwargs), chosen))
         else:
-            out[name] = render(tokenizer, first_turns(name)[: s.num_prompts])
+            chats = first_turns(name)
+            out[name] = render(tokenizer, [chats[i] for i in chosen])
     return out
 
 
 def turn1_answers(s: Suite, tokenizer: Any, engine_kwargs: dict[str, Any]) -> list[str]:
-    """The target's greedy answers to the first MT-Bench questions (cached in OUT)."""
+    """The target's greedy answers to the suite's MT-Bench questions (cached in OUT)."""
+    chosen = questions("mtbench", s.num_prompts)
     path = s.out / "mtbench_turn1_answers.json"
     if path.is_file():
         cached = json.loads(path.read_text())
-        if cached.get("target") == s.target and cached.get("max_tokens") == s.max_tokens and \
-                len(cached.get("answers", [])) >= s.num_prompts:
-            return list(cached["answers"][: s.num_prompts])
+        if (cached.get("target"), cached.get("max_tokens"), cached.get("questions")) == (s.target, s.max_tokens, chosen):
+            return list(cached["answers"])
     from vllm import SamplingParams
 
     from tandem_vllm.evalsets import first_turns
@@ -123,13 +139,15 @@ def turn1_answers(s: Suite, tokenizer: Any, engine_kwargs: dict[str, Any]) -> li
 
     llm = offline_engine(model=s.target, **engine_kwargs)
     try:
-        prompts = [p.text for p in render(tokenizer, first_turns("mtbench")[: s.num_prompts])]
+        chats = first_turns("mtbench")
+        prompts = [p.text for p in render(tokenizer, [chats[i] for i in chosen])]
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=s.max_tokens), use_tqdm=False)
     finally:
         shutdown_offline(llm)
     answers = [o.outputs[0].text for o in outs]
     s.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"target": s.target, "max_tokens": s.max_tokens, "answers": answers}, indent=2))
+    path.write_text(json.dumps({"target": s.target, "max_tokens": s.max_tokens, "questions": chosen,
+                                "answers": answers}, indent=2))
     return answers
 
 
@@ -153,7 +171,7 @@ def run(s: Suite, engine_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
                                        tandem_router=s.tandem_router, temperature=t, eagle3=s.eagle3, ignore_eos=False,
                                        schedule=list(s.k_schedule) if s.k_schedule else None)
                     meta = {"set": name, "k": k, "temperature": t, "prompts": len(prompts), "max_tokens": s.max_tokens,
-                            "suite": settings(s), "engine": engine_kwargs}
+                            "questions": questions(name, s.num_prompts), "suite": settings(s), "engine": engine_kwargs}
                     report.write(path, {**meta, "cells": report.rows(cells)}, engine.markdown(cells))
     records = [json.loads(p.read_text()) for p in measured(s)]
     write_summary(records, s.out)

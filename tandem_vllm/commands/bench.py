@@ -165,7 +165,8 @@ def add(sub: Any) -> None:
     bsu.add_argument("--k", type=common.int_list, default=[3, 5])
     bsu.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     bsu.add_argument("--batch-sizes", type=common.int_list, default=[1, 4, 16])
-    bsu.add_argument("--num-prompts", type=int, default=16, help="the first N prompts of each set")
+    bsu.add_argument("--num-prompts", type=int, default=16,
+                     help="N prompts of each set, spread evenly over it (MT-Bench: its categories in equal shares)")
     bsu.add_argument("--max-tokens", type=int, default=128)
     bsu.add_argument("--repeat", type=int, default=1)
     bsu.add_argument("--k-schedule", metavar="JSON",

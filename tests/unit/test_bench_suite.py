@@ -91,3 +91,27 @@ def test_unknown_sets_and_prompt_counts_are_refused(tmp_path):
         make(tmp_path, sets=("mtbench3",))
     with pytest.raises(TandemError, match="take 1..80"):
         make(tmp_path, num_prompts=81)
+
+
+def test_questions_spread_over_every_mtbench_category():
+    from tandem_vllm.evalsets import mtbench_questions, second_turns
+
+    chosen = suite.questions("mtbench", 8)
+    categories = [mtbench_questions()[i]["category"] for i in chosen]
+    assert len(set(categories)) == 8  # the first 8 would all be writing
+    assert suite.questions("humaneval", 4) == [0, 41, 82, 123]
+    chats = second_turns(["answer a", "answer b"], chosen[:2])
+    assert chats[1][0]["content"] == mtbench_questions()[chosen[1]]["turns"][0]
+    assert chats[1][1] == {"role": "assistant", "content": "answer b"}
+    with pytest.raises(TandemError, match="2 turn-1 answers for MT-Bench questions"):
+        second_turns(["a", "b"], [0])
+
+
+def test_a_file_measured_on_other_questions_is_refused(tmp_path, measured):
+    suite.run(make(tmp_path), {})
+    path = tmp_path / "mtbench-k3-t0.json"
+    doc = json.loads(path.read_text())
+    doc["questions"] = list(range(16))  # the first 16, as the suite once chose
+    path.write_text(json.dumps(doc))
+    with pytest.raises(TandemError, match="questions"):
+        suite.run(make(tmp_path), {})
