@@ -192,7 +192,7 @@ def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(rows: list[dict[str, Any]], batch: int = 1) -> str:
     """tau and speed-up at ``batch``, one line per (set, k, T), one column pair per drafter."""
-    drafters = [d for _, d in ROW_NAMES if any(r["drafter"] == d for r in rows) and d != "target"]
+    drafters = [d for d in dict.fromkeys(r["drafter"] for r in rows) if d != "target"]  # in the engine's row order
     head = "| set | k | T | " + " | ".join(f"{d} τ / speed-up" for d in drafters) + " | greedy = target |\n"
     head += "|---|---|---|" + "---|" * (len(drafters) + 1) + "\n"
     lines = []

@@ -45,7 +45,7 @@ def test_a_schedule_adds_its_row_and_the_summary_names_it(tmp_path, measured):
     drafters = [c["row"] for c in records[0]["cells"] if c["batch_size"] == 4]
     assert [suite.short(r) for r in drafters] == ["target", "n-gram", "standalone", "Tandem", "Tandem k schedule"]
     summary = (tmp_path / "summary.md").read_text()
-    assert "Tandem k schedule τ / speed-up" in summary and "### batch 4" in summary
+    assert "| Tandem τ / speed-up | Tandem k schedule τ / speed-up |" in summary and "### batch 4" in summary
     # the standalone row (third) was not identical to target alone: the summary says so
     assert "| NO |" in summary
 
