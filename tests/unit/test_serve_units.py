@@ -41,6 +41,26 @@ def test_a_measured_schedule_becomes_vllms_dynamic_k():
     assert "num_speculative_tokens_per_batch_size" not in ServeConfig.parse({"model": "/m", "drafter": "/d"}).speculation()
 
 
+def test_the_chat_demo_drafts_by_its_measured_schedule_unless_k_is_asked_for(monkeypatch):
+    from tandem_vllm.demo import build as demo_build
+    from tandem_vllm.demo.chat import K_SCHEDULE
+
+    shipped = json.loads(K_SCHEDULE.read_text())["schedule"]
+    pairs = {"chat": {"target": "/c/target", "tandem": "/c/tandem", "k_schedule": shipped},
+             "ci": {"target": "/t/target", "tandem": "/t/tandem"}}
+    monkeypatch.setattr(demo_build, "build", lambda size, **kw: pairs[size])
+    spec = ServeConfig.parse({}).resolved().speculation()
+    assert spec["num_speculative_tokens_per_batch_size"] == shipped
+    assert spec["num_speculative_tokens"] == max(k for _, _, k in shipped) and spec["model"] == "/c/tandem"
+    # a k or a schedule the user asks for is served as asked
+    assert "num_speculative_tokens_per_batch_size" not in ServeConfig.parse({"num_speculative_tokens": 3}).resolved().speculation()
+    mine = ServeConfig.parse({"k_schedule": [[1, 4, 1], [5, 100, 0]]}).resolved().speculation()
+    assert mine["num_speculative_tokens_per_batch_size"] == [[1, 4, 1], [5, 100, 0]]
+    # the ci pair has no measured schedule; a user's drafter gets none either
+    assert "num_speculative_tokens_per_batch_size" not in ServeConfig.parse({"demo": "ci"}).resolved().speculation()
+    assert ServeConfig.parse({"drafter": "/mine"}).resolved().speculation()["num_speculative_tokens"] == 3
+
+
 @pytest.mark.parametrize(
     ("data", "fragment"),
     [
