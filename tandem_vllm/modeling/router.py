@@ -54,10 +54,12 @@ class BlockLengthRouter(nn.Module):
         self.net = nn.Sequential(nn.Linear(cfg.num_features, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, 1))
 
     def features(self, logits: Tensor, embed_weight: Tensor) -> Tensor:
-        """(..., V) drafter logits and its (V, D) embedding table -> (..., num_features)."""
+        """(..., V) drafter logits and its (V, D) embedding table -> (..., num_features). A draft
+        vocabulary's logits come scattered into the target's with -inf elsewhere; those tokens add
+        nothing to the entropy (0 log 0 = 0, where p * log p would be NaN)."""
         logp = torch.log_softmax(logits.float(), dim=-1)
         p = logp.exp()
-        entropy = -(p * logp).sum(-1, keepdim=True) / math.log(logits.shape[-1])  # in [0, 1]
+        entropy = -torch.where(p > 0, p * logp, 0.0).sum(-1, keepdim=True) / math.log(logits.shape[-1])  # in [0, 1]
         top_p, top_i = p.topk(self.cfg.top_k, dim=-1)
         emb = embed_weight[top_i].float().flatten(-2)  # (..., k*D)
         return torch.cat([entropy, top_p, emb], dim=-1)

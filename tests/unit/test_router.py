@@ -64,6 +64,17 @@ def test_features_are_entropy_top_probabilities_and_top_embeddings():
     assert sharp[3:6].tolist() == embed[2].tolist() and sharp[6:9].tolist() == embed[4].tolist()
 
 
+def test_features_of_draft_vocabulary_logits_are_finite():
+    """A draft vocabulary's logits reach the router scattered into the target's, -inf elsewhere."""
+    router = BlockLengthRouter(BlockLengthRouterConfig(embed_dim=3, top_k=2))
+    embed = torch.arange(15, dtype=torch.float32).reshape(5, 3)
+    scattered = torch.tensor([[0.0, float("-inf"), 0.0, float("-inf"), 0.0]])
+    flat = router.features(scattered, embed)[0]
+    assert torch.isfinite(flat).all() and torch.isfinite(router.accept_prob(scattered, embed)).all()
+    assert flat[0] == pytest.approx(torch.log(torch.tensor(3.0)).item() / torch.log(torch.tensor(5.0)).item())
+    assert flat[1:3].tolist() == pytest.approx([1 / 3, 1 / 3])
+
+
 def test_router_checkpoint_round_trip_and_a_corrupt_one_is_named(tmp_path):
     torch.manual_seed(0)
     router = BlockLengthRouter(BlockLengthRouterConfig(embed_dim=8, top_k=3, hidden=16, threshold=0.3))
