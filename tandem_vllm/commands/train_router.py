@@ -10,10 +10,18 @@ from typing import Any
 from tandem_vllm.cli_fields import add_dataclass_flags, passed
 
 
-def run(a: argparse.Namespace) -> None:
-    from tandem_vllm.train.router import RouterArgs, train_router
+def router_args(a: argparse.Namespace) -> Any:
+    """The RouterArgs the command line means (its file lists as tuples)."""
+    from tandem_vllm.train.router import RouterArgs
 
-    metrics = train_router(RouterArgs(**passed(a, a.router_fields)))
+    given: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in passed(a, a.router_fields).items()}
+    return RouterArgs(**given)
+
+
+def run(a: argparse.Namespace) -> None:
+    from tandem_vllm.train.router import train_router
+
+    metrics = train_router(router_args(a))
     print(json.dumps({"out": str(a.out), **metrics}))
 
 
@@ -23,5 +31,5 @@ def add(sub: Any) -> None:
     r = sub.add_parser("train-router", help="fit the adaptive block-length router of a Tandem drafter",
                        description="Writes a new drafter directory (--out): the drafter's files plus the router. "
                                    "Point vLLM or the decoders at it to draft adaptively.")
-    r.set_defaults(router_fields=add_dataclass_flags(r, RouterArgs, required=("target", "drafter", "data", "out")),
+    r.set_defaults(router_fields=add_dataclass_flags(r, RouterArgs, required=("target", "drafter", "out")),
                    func=run)

@@ -46,9 +46,13 @@ def _jsonl_docs(path: Path, text: str) -> list[str]:
 def pack(docs: list[str], tokenizer: Any, seq_len: int) -> Tensor:
     """Concatenate documents (EOS between them) into rows of seq_len + 1 tokens: (N, seq_len + 1).
     Row r trains inputs r[:-1] against labels r[1:]."""
-    eos = tokenizer.eos_token_id
+    return pack_ids(tokenizer(docs, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id, seq_len)
+
+
+def pack_ids(seqs: Iterable[list[int]], eos: int | None, seq_len: int) -> Tensor:
+    """``pack`` for documents already tokenized."""
     ids: list[int] = []
-    for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+    for enc in seqs:
         ids.extend(enc)
         if eos is not None:
             ids.append(eos)

@@ -306,7 +306,8 @@ def test_steps_without_drafts_keep_the_drafter_context(demo, prompts, target_alo
 
 @pytest.fixture(scope="module")
 def router_dir(demo, tmp_path_factory):
-    """The ci drafter with a router trained briefly on the pair's training text."""
+    """The ci drafter with a router trained briefly on the pair's training text and the target's own
+    continuations (gen-data)."""
     from pathlib import Path
 
     from tandem_vllm.train.router import RouterArgs, train_router
@@ -314,7 +315,8 @@ def router_dir(demo, tmp_path_factory):
     root = Path(demo["target"]).parent
     out = tmp_path_factory.mktemp("router") / "tandem-adaptive"
     metrics = train_router(RouterArgs(target=Path(demo["target"]), drafter=Path(demo["tandem"]),
-                                      data=[root / "corpus" / "train.jsonl"], out=out, k=K, seq_len=128,
+                                      data=(root / "corpus" / "train.jsonl",), gen_data=tuple(map(Path, demo["generated"])),
+                                      out=out, k=K, seq_len=128,
                                       max_positions=8000, epochs=5), progress=False)
     assert metrics["auc"] > 0.6, metrics  # it learned something about acceptance
     return out

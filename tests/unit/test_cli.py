@@ -64,7 +64,8 @@ def test_every_router_args_field_is_a_train_router_flag_and_left_out_flags_keep_
     import dataclasses
 
     from tandem_vllm.cli import parser
-    from tandem_vllm.cli_fields import flag, passed
+    from tandem_vllm.cli_fields import flag
+    from tandem_vllm.commands.train_router import router_args
     from tandem_vllm.train.router import RouterArgs
 
     router = next(a for a in parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith(" train-router"))
@@ -72,14 +73,17 @@ def test_every_router_args_field_is_a_train_router_flag_and_left_out_flags_keep_
     assert {flag(f.name) for f in dataclasses.fields(RouterArgs)} <= flags
     base = ["train-router", "--target", "t", "--drafter", "d", "--data", "a.txt", "b.jsonl", "--out", "o"]
     a = parser().parse_args(base)
-    assert RouterArgs(**passed(a, a.router_fields)) == RouterArgs(target=Path("t"), drafter=Path("d"),
-                                                                 data=[Path("a.txt"), Path("b.jsonl")], out=Path("o"))
+    assert router_args(a) == RouterArgs(target=Path("t"), drafter=Path("d"),
+                                                                 data=(Path("a.txt"), Path("b.jsonl")), out=Path("o"))
+    a = parser().parse_args(["train-router", "--target", "t", "--drafter", "d", "--gen-data", "g1", "g2", "--out", "o"])
+    assert router_args(a).gen_data == (Path("g1"), Path("g2"))
     a = parser().parse_args(base + ["--k", "4", "--threshold", "0.7", "--batch-size", "64"])
-    got = RouterArgs(**passed(a, a.router_fields))
+    got = router_args(a)
     assert (got.k, got.threshold, got.batch_size, got.epochs) == (4, 0.7, 64, 20)
     assert "keep drafting while P(accept) >= this (default: 0.5)" in " ".join(router.format_help().split())
-    with pytest.raises(SystemExit):
-        parser().parse_args(["train-router", "--target", "t", "--drafter", "d", "--out", "o"])  # --data is required
+    a = parser().parse_args(["train-router", "--target", "t", "--drafter", "d", "--out", "o"])
+    with pytest.raises(TandemError, match="--data .* --gen-data"):  # text from one or the other
+        router_args(a)
 
 
 def test_every_gen_settings_field_is_a_gen_data_flag_and_left_out_flags_keep_its_defaults():

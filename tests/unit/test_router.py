@@ -135,6 +135,6 @@ def test_bad_router_training_arguments_are_refused(tmp_path):
     from tandem_vllm.train.router import RouterArgs
 
     with pytest.raises(TandemError, match="--k 1"):
-        RouterArgs(target=tmp_path, drafter=tmp_path / "d", data=[tmp_path / "x"], out=tmp_path / "o", k=1)
+        RouterArgs(target=tmp_path, drafter=tmp_path / "d", data=(tmp_path / "x",), out=tmp_path / "o", k=1)
     with pytest.raises(TandemError, match="--out must differ"):
-        RouterArgs(target=tmp_path, drafter=tmp_path / "d", data=[tmp_path / "x"], out=tmp_path / "d")
+        RouterArgs(target=tmp_path, drafter=tmp_path / "d", data=(tmp_path / "x",), out=tmp_path / "d")
