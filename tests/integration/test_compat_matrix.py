@@ -38,6 +38,9 @@ def app():
                          "--tool-call-parser", "pythonic",
                          "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}'],
            "kv_cache_memory_bytes": 256 * 2**20,
+           # a fixed k: the chat pair's measured schedule drafts nothing from 3 running requests on, and every
+           # row must draft
+           "num_speculative_tokens": 3,
            "max_model_len": MAX_MODEL_LEN, "graceful_shutdown_timeout_s": 5}
     try:
         yield start(cfg, host="127.0.0.1", port=free_port(), grpc_port=free_port(), timeout_s=900, log_json=False)
