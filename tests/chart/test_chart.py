@@ -300,6 +300,9 @@ def test_smollm2_on_cpu_nodes_prepares_the_chat_pair_on_every_worker_and_scales(
     assert args["demo"] == "chat" and "model" not in args and args["served_model_name"] == "smollm2-135m-instruct"
     assert args["autoscaling"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
     assert args["dtype"] == "float32" and args["max_model_len"] == 2048
+    from tandem_vllm.demo.chat import K_SCHEDULE  # the schedule measured for the pair, as `serve` uses it
+
+    assert args["k_schedule"] == json.loads(K_SCHEDULE.read_text())["schedule"] and args["num_speculative_tokens"] == 2
     head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"  # the head only routes
     (worker,) = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]

@@ -114,8 +114,8 @@ nvidia-h100-80gb:
 {{- $_ := set $a "no_speculation" true }}
 {{- else if $v.speculation.config }}
 {{- $_ := set $a "speculative_config" $v.speculation.config }}
-{{- else if $v.model.drafter }}
-{{- $_ := set $a "drafter" $v.model.drafter }}
+{{- else if or $v.model.drafter $v.model.demo }}
+{{- with $v.model.drafter }}{{ $_ := set $a "drafter" . }}{{ end }}
 {{- with $v.speculation.schedule }}{{ $_ := set $a "k_schedule" . }}{{ end }}
 {{- end }}
 {{- with $v.model.servedModelName }}{{ $_ := set $a "served_model_name" . }}{{ end }}
