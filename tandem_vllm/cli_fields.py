@@ -103,6 +103,11 @@ def passed(a: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
     return {n: getattr(a, n) for n in names if getattr(a, n, None) is not None}
 
 
+def passed_frozen(a: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
+    """``passed`` for a frozen dataclass: its ``tuple[X, ...]`` fields get tuples, not argparse's lists."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in passed(a, names).items()}
+
+
 def _plain(annotation: Any) -> Any:
     """``X | None`` -> X."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):

@@ -14,6 +14,7 @@ measured on other prompts) a Tandem row drafts k by batch size as it says.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -102,9 +103,14 @@ def spread(n: int, total: int) -> list[int]:
 
 def questions(name: str, n: int) -> list[int]:
     """Which questions of set ``name`` a suite of ``n`` prompts per set asks (indices into the set)."""
+    return spread(n, _set_size("humaneval" if name == "humaneval" else "mtbench"))
+
+
+@functools.cache
+def _set_size(name: str) -> int:
     from tandem_vllm.evalsets import humaneval_problems, mtbench_questions
 
-    return spread(n, len(humaneval_problems() if name == "humaneval" else mtbench_questions()))
+    return len(humaneval_problems() if name == "humaneval" else mtbench_questions())
 
 
 def workloads(s: Suite, engine_kwargs: dict[str, Any]) -> dict[str, list[Prompt]]:
@@ -164,7 +170,7 @@ def run(s: Suite, engine_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
         for k in s.ks:
             for t in s.temperatures:
                 path = s.out / f"{name}-k{k}-t{t:g}.json"
-                if not reusable(path, s):
+                if not path.is_file():  # one there was checked above
                     cells = engine.run(target=s.target, tandem=s.tandem, baseline=s.baseline, prompts=prompts,
                                        batch_sizes=list(s.batch_sizes), max_tokens=s.max_tokens, k=k,
                                        fallback_batch_size=None, engine_kwargs=engine_kwargs, repeat=s.repeat,

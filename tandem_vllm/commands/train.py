@@ -7,7 +7,7 @@ import dataclasses
 import json
 from typing import Any
 
-from tandem_vllm.cli_fields import add_dataclass_flags, passed
+from tandem_vllm.cli_fields import add_dataclass_flags, passed_frozen
 from tandem_vllm.commands import common
 
 
@@ -15,7 +15,7 @@ def train_args(a: argparse.Namespace) -> Any:
     """The TrainArgs a `train` command line means (validated); flags left out keep TrainArgs' defaults."""
     from tandem_vllm.train.args import ModelDims, TrainArgs
 
-    given: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in passed(a, a.train_fields).items()}
+    given: dict[str, Any] = passed_frozen(a, a.train_fields)
     dims = {k: given.pop(k) for k in [f.name for f in dataclasses.fields(ModelDims)] if k in given}
     if "heads" in dims:
         dims.setdefault("kv_heads", dims["heads"])

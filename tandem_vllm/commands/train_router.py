@@ -7,14 +7,14 @@ import argparse
 import json
 from typing import Any
 
-from tandem_vllm.cli_fields import add_dataclass_flags, passed
+from tandem_vllm.cli_fields import add_dataclass_flags, passed_frozen
 
 
 def router_args(a: argparse.Namespace) -> Any:
     """The RouterArgs the command line means (its file lists as tuples)."""
     from tandem_vllm.train.router import RouterArgs
 
-    given: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in passed(a, a.router_fields).items()}
+    given: dict[str, Any] = passed_frozen(a, a.router_fields)
     return RouterArgs(**given)
 
 
