@@ -27,7 +27,6 @@ is the time it really took. (On a GPU a phase would include waiting for the kern
 
 from __future__ import annotations
 
-import atexit
 import functools
 import json
 import os
@@ -35,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 from tandem_vllm.vllm_adapter.marks import MARK
 
@@ -50,25 +49,23 @@ PHASES: Final = ENGINE_PHASES + WORKER_PHASES
 class StepClock:
     """Accumulates the phases of the current engine step (engine-core process) and of the current
     model-runner call (worker process) and writes one line per step for each, kind "engine" or
-    "worker". Lines are buffered; written when the engine goes idle, every second, and at shutdown."""
+    "worker". Each line reaches the file as its step ends (~10 us): vLLM kills its worker processes
+    when an engine stops at once, so nothing may wait in a buffer for a shutdown hook."""
 
-    def __init__(self, flush_seconds: float = 1.0, now: Callable[[], float] = time.perf_counter) -> None:
-        self.flush_seconds = flush_seconds
+    def __init__(self, now: Callable[[], float] = time.perf_counter) -> None:
         self.now = now
         self._pid: int | None = None
         self._directory: Path | None = None
+        self._file: TextIO | None = None
         self.open: dict[str, dict[str, Any]] = {"engine": {}, "worker": {}}
-        self.pending: list[str] = []
-        self.last_flush = self.now()
         self.last_end: float | None = None
-        atexit.register(self.flush)
 
     @property
     def directory(self) -> Path | None:
         """``$TANDEM_VLLM_STEP_TIMES`` as this process saw it first: hooks a process inherited by fork
         from one that was timing stay silent unless the variable is set where they run."""
         if self._pid != os.getpid():
-            self._pid, self.pending = os.getpid(), []
+            self._pid, self._file = os.getpid(), None  # a forked child writes a file of its own
             self._directory = Path(os.environ[ENV]) if os.environ.get(ENV) else None
         return self._directory
 
@@ -116,21 +113,13 @@ class StepClock:
             self._write(record)
 
     def _write(self, record: dict[str, Any]) -> None:
-        if self.directory is None:
-            return
-        self.pending.append(json.dumps(record))
-        if self.now() - self.last_flush >= self.flush_seconds:
-            self.flush()
-
-    def flush(self) -> None:
-        self.last_flush = self.now()
         directory = self.directory
-        if self.pending and directory is not None:
+        if directory is None:
+            return
+        if self._file is None:
             directory.mkdir(parents=True, exist_ok=True)
-            with (directory / f"steps-{os.getpid()}.jsonl").open("a") as f:
-                f.write("\n".join(self.pending) + "\n")
-            self.pending = []
-
+            self._file = (directory / f"steps-{os.getpid()}.jsonl").open("a", buffering=1)  # line-buffered
+        self._file.write(json.dumps(record) + "\n")
 
 
 # What install() replaces: the "step-times" row of patches.PATCHES lists exactly these.
@@ -140,8 +129,7 @@ SYMBOLS: Final = ("vllm.v1.engine.core:EngineCoreProc._process_engine_step", "vl
                   "vllm.v1.worker.gpu_model_runner:GPUModelRunner._model_forward",
                   "vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens",
                   "vllm.v1.worker.gpu_model_runner:GPUModelRunner._sample",
-                  "vllm.v1.worker.gpu_model_runner:GPUModelRunner.propose_draft_token_ids",
-                  "vllm.v1.engine.core:EngineCore.shutdown", "vllm.v1.executor.multiproc_executor:WorkerProc.shutdown")
+                  "vllm.v1.worker.gpu_model_runner:GPUModelRunner.propose_draft_token_ids")
 
 
 def install() -> None:
@@ -150,7 +138,6 @@ def install() -> None:
     from torch import nn
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.engine.core import EngineCore, EngineCoreProc
-    from vllm.v1.executor.multiproc_executor import WorkerProc
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     if getattr(EngineCoreProc._process_engine_step, "_tandem_timed", False):
@@ -181,10 +168,7 @@ def install() -> None:
 
     def _process_engine_step(self: Any) -> Any:
         with clock.engine_step():
-            executed = step(self)
-        if not self.scheduler.has_requests():
-            clock.flush()  # idle: nothing to perturb
-        return executed
+            return step(self)
 
     schedule = Scheduler.schedule
 
@@ -220,5 +204,3 @@ def install() -> None:
     wrap(GPUModelRunner, "sample_tokens", after=lambda runner: clock.worker_end(), phase="sample")
     wrap(GPUModelRunner, "_sample", phase="sampler")
     wrap(GPUModelRunner, "propose_draft_token_ids", before=hook_drafter, phase="draft")
-    wrap(EngineCore, "shutdown", before=lambda core: clock.flush())
-    wrap(WorkerProc, "shutdown", before=lambda proc: clock.flush())
