@@ -64,20 +64,18 @@ def settings(s: Suite) -> dict[str, Any]:
     return json.loads(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}))
 
 
-def reusable(path: Path, s: Suite) -> bool:
-    """Whether ``path`` holds this configuration measured with these drafters and settings; a file measured
-    with others is refused rather than mixed into the summary."""
-    if not path.is_file():
-        return False
+def check_settings(path: Path, s: Suite) -> None:
+    """Refuse a configuration file in OUT measured with other drafters or settings than these, rather than
+    mix it into the summary (the run then keeps it as measured)."""
     doc = json.loads(path.read_text())
     recorded, mine = doc.get("suite", {}), settings(s)
     changed = [f"{k} {recorded.get(k)!r} -> {mine[k]!r}" for k in ROW_SETTINGS if recorded.get(k) != mine[k]]
-    if doc.get("questions") != questions(doc.get("set", ""), s.num_prompts):
-        changed.append(f"questions {doc.get('questions')!r} -> {questions(doc.get('set', ''), s.num_prompts)!r}")
+    asked = questions(doc.get("set", ""), s.num_prompts)
+    if doc.get("questions") != asked:
+        changed.append(f"questions {doc.get('questions')!r} -> {asked!r}")
     if changed:
         raise TandemError(f"{path} was measured with other settings ({'; '.join(changed)}): "
                           "give another --out, or delete the file to measure it again")
-    return True
 
 
 def measured(s: Suite) -> list[Path]:
@@ -163,7 +161,7 @@ def run(s: Suite, engine_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
     from tandem_vllm.bench import engine
 
     for path in measured(s):  # a file measured with other settings is refused before any engine starts
-        reusable(path, s)
+        check_settings(path, s)
     loads = workloads(s, engine_kwargs)
     s.out.mkdir(parents=True, exist_ok=True)
     for name, prompts in loads.items():
